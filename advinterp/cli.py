@@ -1,0 +1,265 @@
+"""Command line: one verb per stage, a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from advinterp.errors import UserError
+
+METHODS = ("fgsm", "bim", "pgd", "mifgsm", "opt")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint (DIR/model.safetensors from `advinterp train`) or an ImageNet "
+        "model name (efficientnet_lite0, or a torchvision/timm name with --weights)",
+    )
+    p.add_argument(
+        "--weights", help="weights file (.safetensors, or .pth read with weights_only=True)"
+    )
+
+
+def _data_args(p: argparse.ArgumentParser, split: str = "test") -> None:
+    p.add_argument(
+        "--data", default="fashion-mnist", help="fashion-mnist (default) or imagefolder:PATH"
+    )
+    p.add_argument(
+        "--data-root",
+        help="folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument("--split", default=split, choices=("train", "test"))
+    p.add_argument("--limit", type=int, help="use only the first N images")
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {v}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="advinterp",
+        description="Interpretability analysis of deep networks with adversarial examples "
+        "(Dong, Su & Zhu 2022).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("train", help="standard training of a model (SGD, the paper's settings)")
+    p.add_argument("--arch", default="resnet", help="resnet (default), alexnet, vgg16, resnet18")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors, model.json)")
+    p.add_argument("--epochs", type=_positive_int, default=4)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument(
+        "--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule"
+    )
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist")
+    p.add_argument("--data-root")
+    p.add_argument("--limit", type=int, help="train on the first N training images only")
+    p.add_argument(
+        "--resume", action="store_true", help="continue a killed run from its last epoch"
+    )
+
+    p = sub.add_parser("evaluate", help="Table 2: clean and FGSM top-1/top-5 accuracy")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument(
+        "--eps", type=float, nargs="+", default=[4.0], help="FGSM ε in 0–255 units (default 4)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=250)
+    p.add_argument("--out", help="write table2.json into this folder")
+
+    p = sub.add_parser(
+        "attack", help="build an adversarial set: fgsm, bim, pgd, mifgsm, opt (eq. 4)"
+    )
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--method", default="opt", help=f"one of {', '.join(METHODS)} (default opt)")
+    p.add_argument(
+        "--eps", type=float, help="L∞ budget in 0–255 units (fgsm/bim/pgd/mifgsm; default 4)"
+    )
+    p.add_argument(
+        "--targeted", action="store_true", help="aim at a target class (opt is always targeted)"
+    )
+    p.add_argument(
+        "--target",
+        default="least-likely",
+        help="least-likely (default), random, or a class index for every image",
+    )
+    p.add_argument("--steps", type=_positive_int, help="iterations (bim, pgd, mifgsm, opt)")
+    p.add_argument("--lam", type=float, help="λ of eq. 4 (opt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=250)
+    p.add_argument("--out", required=True, help="output folder for the adversarial set")
+    p.add_argument("--resume", action="store_true", help="keep finished chunks of a killed run")
+
+    p = sub.add_parser("layers", help="list a model's recordable layers with output shapes")
+    p.add_argument(
+        "model",
+        help="an architecture name (resnet, alexnet, vgg16, resnet18, "
+        "efficientnet_lite0, a torchvision/timm name) or a checkpoint",
+    )
+    p.add_argument("--conv", action="store_true", help="only convolution layers")
+    return parser
+
+
+def _version() -> str:
+    from advinterp import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    try:
+        return COMMANDS[args.verb](args) or 0
+    except UserError as e:
+        print(f"advinterp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "advinterp: interrupted; finished work is kept (rerun with --resume)", file=sys.stderr
+        )
+        return 130
+
+
+def cmd_train(args) -> int:
+    from advinterp.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        arch=args.arch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        data=args.data,
+        data_root=args.data_root,
+        limit=args.limit,
+    )
+    out = Path(args.out)
+    if not args.resume and (out / "model.json").exists():
+        raise UserError(
+            f"{out} already holds a model: pass --resume to continue it or choose another --out"
+        )
+    result = train(cfg, out, resume=args.resume)
+    print(
+        f"test top-1 {result['test_top1']:.2f}% after {cfg.epochs} epochs "
+        f"({result['train_seconds']:.0f}s of training); model written to {out / 'model.safetensors'}"
+    )
+    return 0
+
+
+def _open_data(args, model):
+    from advinterp.data import open_dataset
+
+    if args.data.startswith("imagefolder:") and args.limit:
+        raise UserError("--limit applies to fashion-mnist only")
+    return open_dataset(
+        args.data,
+        args.split,
+        args.data_root,
+        wnids=model.wnids,
+        input_size=model.input_size,
+        in_chans=model.in_chans,
+        limit=args.limit,
+    )
+
+
+def cmd_evaluate(args) -> int:
+    from advinterp.io import write_json
+    from advinterp.metrics.accuracy import format_table2, table2
+    from advinterp.models import load_model
+
+    model = load_model(args.model, args.weights)
+    data = _open_data(args, model)
+    row = table2(
+        model, data, eps=[e / 255 for e in args.eps], batch_size=args.batch_size, progress=True
+    )
+    name = getattr(model, "config", {}).get("name", args.model)
+    print(format_table2({name: row}))
+    if args.out:
+        write_json(Path(args.out) / "table2.json", {name: row})
+        print(f"written to {Path(args.out) / 'table2.json'}")
+    return 0
+
+
+def cmd_attack(args) -> int:
+    from advinterp.attacks.advset import build_adversarial_set
+    from advinterp.models import load_model
+
+    if args.method not in METHODS:
+        raise UserError(f"unknown attack method {args.method!r}: choose from {', '.join(METHODS)}")
+    model = load_model(args.model, args.weights)
+    data = _open_data(args, model)
+    target = args.target
+    if target not in ("least-likely", "random"):
+        try:
+            target = int(target)
+        except ValueError:
+            raise UserError(
+                f"unknown target {target!r}: use least-likely, random or a class index"
+            ) from None
+        if not 0 <= target < model.num_classes:
+            raise UserError(f"target class {target} is outside 0..{model.num_classes - 1}")
+    if args.eps is not None and not 0 < args.eps <= 255:
+        raise UserError(
+            f"--eps {args.eps:g} is outside (0, 255]: give ε in 0–255 pixel units, e.g. --eps 4"
+        )
+    kwargs = {k: v for k, v in (("steps", args.steps), ("lam", args.lam)) if v is not None}
+    t0 = time.perf_counter()
+    meta = build_adversarial_set(
+        model,
+        data,
+        Path(args.out),
+        method=args.method,
+        eps=None if args.eps is None else args.eps / 255,
+        targeted=args.targeted or args.method == "opt",
+        target=target,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        model_spec=args.model,
+        **kwargs,
+    )
+    s = meta["stats"]
+    print(
+        f"{args.method}: success {100 * s['success_rate']:.1f}%, mean L2 {s['mean_l2']:.4f}, "
+        f"mean L∞ {s['mean_linf'] * 255:.2f}/255 over {meta['n']} images "
+        f"({time.perf_counter() - t0:.0f}s); written to {args.out}"
+    )
+    return 0
+
+
+def cmd_layers(args) -> int:
+    from advinterp.models import SMALL_ARCHS, create_model, layer_shapes, load_model
+
+    model = create_model(args.model) if args.model in SMALL_ARCHS else load_model(args.model)
+    rows = layer_shapes(model)
+    if args.conv:
+        rows = [r for r in rows if r[1] == "Conv2d"]
+    width = max(len(r[0]) for r in rows)
+    for name, kind, shape in rows:
+        print(f"{name:<{width}}  {kind:<20} {'×'.join(map(str, shape))}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "attack": cmd_attack,
+    "layers": cmd_layers,
+}

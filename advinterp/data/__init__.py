@@ -1,0 +1,133 @@
+"""Labelled image sets in pixel space [0, 1], each class carrying its WordNet synset.
+
+``open_dataset("fashion-mnist", split)`` reads Debian's Fashion-MNIST files;
+``open_dataset("imagefolder:PATH", wnids=model_wnids)`` reads ImageNet-style
+folders named by wnid. :func:`batches` iterates either one in batches.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from advinterp.data.fashion import CLASSES as FASHION_CLASSES
+from advinterp.data.fashion import load_fashion_mnist
+from advinterp.data.imagefolder import ImageFolderSet
+from advinterp.errors import UserError
+
+__all__ = ["TensorImageSet", "ImageFolderSet", "open_dataset", "batches", "FASHION_CLASSES"]
+
+
+@dataclass
+class TensorImageSet(torch.utils.data.Dataset):
+    """An in-memory set: uint8 images ``N×C×H×W`` and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    wnids: list[str]
+    name: str = "tensors"
+    skipped: int = field(default=0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i].float().div_(255), int(self.labels[i]), i
+
+    def subset(self, limit: int | None) -> TensorImageSet:
+        if limit is None or limit >= len(self):
+            return self
+        return TensorImageSet(
+            self.images[:limit], self.labels[:limit], self.classes, self.wnids, self.name
+        )
+
+
+def open_dataset(
+    spec: str,
+    split: str = "test",
+    root: str | os.PathLike | None = None,
+    wnids: Sequence[str] | None = None,
+    input_size: int = 224,
+    in_chans: int = 3,
+    limit: int | None = None,
+):
+    """Open a labelled image set by name.
+
+    Args:
+        spec: ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
+        split: ``"train"`` or ``"test"`` (Fashion-MNIST only).
+        root: folder of Fashion-MNIST's IDX files (default: Debian's).
+        wnids: the model's class list, class index ↔ wnid (image folders only).
+        input_size, in_chans: what the model eats (image folders only).
+        limit: keep the first ``limit`` images (Fashion-MNIST only; handy for quick runs).
+    """
+    if spec == "fashion-mnist":
+        x, y = load_fashion_mnist(split, root)
+        names, ids = zip(*FASHION_CLASSES, strict=True)
+        return TensorImageSet(x, y, list(names), list(ids), f"fashion-mnist/{split}").subset(limit)
+    if spec.startswith("imagefolder:"):
+        if wnids is None:
+            raise UserError(
+                "imagefolder data needs a model with a wnid label set (an ImageNet model)"
+            )
+        return ImageFolderSet(
+            spec.split(":", 1)[1], wnids, input_size=input_size, in_chans=in_chans
+        )
+    raise UserError(f"unknown dataset {spec!r}: use 'fashion-mnist' or 'imagefolder:PATH'")
+
+
+def batches(
+    dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    workers: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(images float [0,1], labels, dataset indices)`` batches.
+
+    In-memory sets are sliced directly (no per-item Python work); image folders
+    go through a DataLoader and drop undecodable images, warning once at the end
+    with their count.
+    """
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if isinstance(dataset, TensorImageSet):
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield dataset.images[idx].float().div_(255), dataset.labels[idx], idx
+        return
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, order.tolist()),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate_decodable,
+    )
+    skipped = 0
+    for x, y, idx, bad in loader:
+        skipped += bad
+        if len(y):
+            yield x, y, idx
+    if skipped:
+        dataset.skipped = skipped
+        warnings.warn(f"skipped {skipped} image(s) that could not be decoded", stacklevel=2)
+
+
+def _collate_decodable(items):
+    good = [it for it in items if it[0] is not None]
+    bad = len(items) - len(good)
+    if not good:
+        return (
+            torch.empty(0),
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+            bad,
+        )
+    x = torch.stack([it[0] for it in good])
+    y = torch.tensor([it[1] for it in good], dtype=torch.long)
+    idx = torch.tensor([it[2] for it in good], dtype=torch.long)
+    return x, y, idx, bad
