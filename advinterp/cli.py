@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "efficientnet_lite0, a torchvision/timm name) or a checkpoint",
     )
     p.add_argument("--conv", action="store_true", help="only convolution layers")
+    _analysis_parsers(sub)
     return parser
 
 
@@ -203,8 +204,10 @@ def cmd_attack(args) -> int:
 
     if args.method not in METHODS:
         raise UserError(f"unknown attack method {args.method!r}: choose from {', '.join(METHODS)}")
-    model = load_model(args.model, args.weights)
-    data = _open_data(args, model)
+    if args.eps is not None and not 0 < args.eps <= 255:
+        raise UserError(
+            f"--eps {args.eps:g} is outside (0, 255]: give ε in 0–255 pixel units, e.g. --eps 4"
+        )
     target = args.target
     if target not in ("least-likely", "random"):
         try:
@@ -213,12 +216,10 @@ def cmd_attack(args) -> int:
             raise UserError(
                 f"unknown target {target!r}: use least-likely, random or a class index"
             ) from None
-        if not 0 <= target < model.num_classes:
-            raise UserError(f"target class {target} is outside 0..{model.num_classes - 1}")
-    if args.eps is not None and not 0 < args.eps <= 255:
-        raise UserError(
-            f"--eps {args.eps:g} is outside (0, 255]: give ε in 0–255 pixel units, e.g. --eps 4"
-        )
+    model = load_model(args.model, args.weights)
+    if isinstance(target, int) and not 0 <= target < model.num_classes:
+        raise UserError(f"target class {target} is outside 0..{model.num_classes - 1}")
+    data = _open_data(args, model)
     kwargs = {k: v for k, v in (("steps", args.steps), ("lam", args.lam)) if v is not None}
     t0 = time.perf_counter()
     meta = build_adversarial_set(
@@ -257,9 +258,229 @@ def cmd_layers(args) -> int:
     return 0
 
 
+def _analysis_parsers(sub) -> None:
+    p = sub.add_parser(
+        "topk",
+        help="unit galleries (Fig. 2): top-8 real vs adversarial images with salient regions",
+    )
+    _model_args(p)
+    p.add_argument(
+        "--adversarial",
+        required=True,
+        help="adversarial set folder written by `advinterp attack` for this model",
+    )
+    p.add_argument("--layer", required=True, help="layer name (`advinterp layers CKPT --conv`)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--units", type=int, nargs="+", help="unit (channel) indices to show")
+    which.add_argument(
+        "--select",
+        default="lc",
+        help="lc (default: the units with the highest LC, eq. 11) or random",
+    )
+    p.add_argument("--count", type=_positive_int, default=8, help="units to select (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --select random")
+    p.add_argument(
+        "--saliency",
+        default="discrepancy",
+        help="discrepancy (default: occlusion maps of Zhou et al. 2015) or activation "
+        "(the unit's upsampled map, cheaper)",
+    )
+    p.add_argument("--k", type=_positive_int, default=8, help="images per row (default 8)")
+    p.add_argument("--patch", type=_positive_int, help="occlusion patch side (default 5 on 28×28)")
+    p.add_argument("--stride", type=_positive_int, help="occlusion stride (default 2 on 28×28)")
+    p.add_argument(
+        "--box-distance",
+        type=float,
+        default=2.0,
+        help="box adversarial images predicted within this WordNet distance of the real "
+        "images' class (default 2)",
+    )
+    _semantic_args(p)
+    p.add_argument("--out", required=True, help="output folder (unit_NNNN.png, gallery.json)")
+
+    p = sub.add_parser(
+        "semantics", help="LC, CS1, CS2 per unit over all conv layers; Fig. 10 curves"
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="checkpoint; repeat --model/--adversarial pairs to put several models on one plot",
+    )
+    p.add_argument(
+        "--adversarial",
+        action="append",
+        required=True,
+        help="adversarial set of the --model at the same position",
+    )
+    p.add_argument("--name", action="append", help="name of each model in the plot and tables")
+    p.add_argument(
+        "--layers", nargs="+", default=["conv"], help='layer names, or "conv" (default: all)'
+    )
+    p.add_argument("--bins", type=_positive_int, default=10, help="LC bins of Fig. 10")
+    p.add_argument(
+        "--fraction", type=float, default=0.01, help="top share of images per unit (default 1%%)"
+    )
+    p.add_argument("--reduce", default="max", help="a unit's response: max (default) or mean")
+    _semantic_args(p)
+    p.add_argument("--out", required=True, help="output folder (units.csv, fig10.png, JSON)")
+
+
+def _semantic_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sigma", type=float, default=1.0, help="σ of eq. 10 (default 1)")
+    p.add_argument(
+        "--synsets", help="class→WordNet id file (one 'name<TAB>wnid' a line, in class order)"
+    )
+    p.add_argument(
+        "--data", help="dataset the sets were made from (default: the one attack.json names)"
+    )
+    p.add_argument("--split", choices=("train", "test"), help="split of --data")
+    p.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+
+
+def _class_wnids(args, model) -> list[str] | None:
+    if not args.synsets:
+        return model.wnids
+    from advinterp.metrics.wordnet import read_synset_file
+
+    wnids = [w for _, w in read_synset_file(args.synsets)]
+    if len(wnids) != model.num_classes:
+        raise UserError(
+            f"{args.synsets} lists {len(wnids)} classes but the model has {model.num_classes}"
+        )
+    return wnids
+
+
+def cmd_topk(args) -> int:
+    from advinterp.analysis import open_paired_sets, unit_galleries, write_galleries
+    from advinterp.metrics.wordnet import class_distance_matrix
+    from advinterp.models import load_model
+
+    if args.sigma <= 0:
+        raise UserError(f"--sigma must be positive, got {args.sigma:g}")
+    model = load_model(args.model, args.weights)
+    wnids = _class_wnids(args, model)
+    pairs = open_paired_sets(model, args.adversarial, args.data, args.split, args.data_root)
+    options = {k: v for k, v in (("patch", args.patch), ("stride", args.stride)) if v}
+    if options and args.saliency != "discrepancy":
+        raise UserError("--patch and --stride apply to --saliency discrepancy only")
+    galleries = unit_galleries(
+        model,
+        pairs,
+        args.layer,
+        units=args.units,
+        select=args.select,
+        count=args.count,
+        seed=args.seed,
+        k=args.k,
+        saliency=args.saliency,
+        distances=class_distance_matrix(wnids) if wnids else None,
+        sigma=args.sigma,
+        box_distance=args.box_distance,
+        batch_size=args.batch_size,
+        progress=True,
+        **options,
+    )
+    out = Path(args.out)
+    data = write_galleries(
+        galleries, out, extra={"model": args.model, "adversarial": str(args.adversarial)}
+    )
+    for unit in data["units"]:
+        lc = "" if unit["lc"] is None else f", LC {unit['lc']:.2f}"
+        print(
+            f"unit {unit['unit']}: real images mostly {unit['real_class_name']} "
+            f"({unit['real_class_count']}/{len(unit['real'])}){lc}; "
+            f"{unit['boxed']}/{len(unit['adversarial'])} adversarial images boxed"
+        )
+    s = galleries.attack
+    print(
+        f"{len(data['units'])} galleries of {galleries.layer} "
+        f"({s['method']}: success {100 * s['success_rate']:.1f}%) written to {out}"
+    )
+    return 0
+
+
+def _model_names(specs: list[str], models: list, names: list[str] | None) -> list[str]:
+    if names:
+        if len(names) != len(specs):
+            raise UserError(f"give one --name per --model ({len(specs)}), got {len(names)}")
+        if len(set(names)) != len(names):
+            raise UserError("--name values must differ")
+        return names
+    out = [getattr(m, "config", {}).get("name") or s for s, m in zip(specs, models, strict=True)]
+    if len(set(out)) != len(out):
+        # Same architecture twice: tell the models apart by their checkpoint folders.
+        out = [f"{n} ({Path(s).parent.name or s})" for n, s in zip(out, specs, strict=True)]
+    if len(set(out)) != len(out):
+        out = [f"{n} #{i + 1}" for i, n in enumerate(out)]
+    return out
+
+
+def cmd_semantics(args) -> int:
+    from advinterp.analysis import model_semantics, open_paired_sets, write_semantics
+    from advinterp.metrics.wordnet import similarity_matrix
+    from advinterp.models import load_model
+
+    if len(args.model) != len(args.adversarial):
+        raise UserError(
+            f"give one --adversarial per --model: got {len(args.model)} models and "
+            f"{len(args.adversarial)} adversarial sets"
+        )
+    if args.sigma <= 0:
+        raise UserError(f"--sigma must be positive, got {args.sigma:g}")
+    if not 0 < args.fraction <= 1:
+        raise UserError(f"--fraction must be in (0, 1], got {args.fraction:g}")
+    if args.reduce not in ("max", "mean"):
+        raise UserError(f"unknown --reduce {args.reduce!r}: use max or mean")
+    models = [load_model(spec) for spec in args.model]
+    names = _model_names(args.model, models, args.name)
+    layers = "conv" if args.layers == ["conv"] else args.layers
+    results, extra = [], {}
+    for spec, adv, name, model in zip(args.model, args.adversarial, names, models, strict=True):
+        wnids = _class_wnids(args, model)
+        if not wnids:
+            raise UserError(
+                f"model {spec} has no WordNet synsets for its classes: pass --synsets FILE"
+            )
+        pairs = open_paired_sets(model, adv, args.data, args.split, args.data_root)
+        result = model_semantics(
+            model,
+            pairs,
+            similarity_matrix(wnids, args.sigma),
+            layers=layers,
+            fraction=args.fraction,
+            reduce=args.reduce,
+            batch_size=args.batch_size,
+            name=name,
+            progress=True,
+        )
+        results.append(result)
+        extra[name] = {"model": spec, "adversarial": str(adv)}
+        summary = result.summary(args.bins)
+        m, s = summary["mean"], result.attack
+
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.3f}"
+
+        l2 = "" if s["mean_l2"] is None else f", mean L2 {s['mean_l2']:.2f}"
+        print(
+            f"{name}: {summary['units']} units in {len(summary['layers'])} layers; mean LC "
+            f"{fmt(m['lc'])}, CS1 {fmt(m['cs1'])}, CS2 {fmt(m['cs2'])} (successful only: "
+            f"CS1 {fmt(m['cs1_successful'])}, CS2 {fmt(m['cs2_successful'])}); "
+            f"{s['method']}: success {100 * s['success_rate']:.1f}%{l2}"
+        )
+    out = Path(args.out)
+    write_semantics(results, out, bins=args.bins, extra=extra, settings={"sigma": args.sigma})
+    print(f"written to {out / 'units.csv'}, {out / 'fig10.png'} and {out / 'semantics.json'}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "attack": cmd_attack,
     "layers": cmd_layers,
+    "topk": cmd_topk,
+    "semantics": cmd_semantics,
 }

@@ -40,7 +40,9 @@ def test_training_learns_and_writes_a_checkpoint(small_run):
     assert [h["epoch"] for h in config["history"]] == [1, 2]
     assert config["test_top1"] > 60  # 10 classes: chance is 10%
     model = load_model(str(small_run / "model.safetensors"))
-    assert model.config["train"]["momentum"] == 0.9 and model.config["train"]["weight_decay"] == 5e-5
+    assert (
+        model.config["train"]["momentum"] == 0.9 and model.config["train"]["weight_decay"] == 5e-5
+    )
 
 
 def test_resume_after_a_crash_gives_the_same_model(tmp_path, monkeypatch):
@@ -68,7 +70,12 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path, monkeypatch):
 
 def test_resume_with_other_settings_is_refused(small_run):
     with pytest.raises(UserError, match="other settings"):
-        train(TrainConfig(epochs=3, limit=3000, batch_size=100, eval_limit=1000), small_run, resume=True, progress=False)
+        train(
+            TrainConfig(epochs=3, limit=5000, batch_size=64, eval_limit=1000),
+            small_run,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_bad_settings_are_clear_errors(tmp_path):

@@ -33,6 +33,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "opt": Opt,
 }
 TORCHATTACKS_PREFIX = "torchattacks:"
+COMMON_ARGS = {"model", "eps", "targeted", "target", "seed"}
 
 
 def make_attack(
@@ -69,13 +70,7 @@ def make_attack(
             f"unknown attack {method!r}: choose one of {', '.join(ATTACKS)} "
             f"(or {TORCHATTACKS_PREFIX}<Name> for a torchattacks attack)"
         )
-    options = set(inspect.signature(cls).parameters) - {
-        "model",
-        "eps",
-        "targeted",
-        "target",
-        "seed",
-    }
+    options = set(inspect.signature(cls).parameters) - COMMON_ARGS
     unknown = sorted(set(kwargs) - options)
     if unknown:
         raise UserError(
@@ -92,7 +87,7 @@ def attack_stats(
     model: nn.Module,
     x: torch.Tensor,
     x_adv: torch.Tensor,
-    y: torch.Tensor,
+    y: torch.Tensor | None,
     target: torch.Tensor | None = None,
     eps: float | None = None,
     batch_size: int = 256,
@@ -100,14 +95,17 @@ def attack_stats(
     """How an attack went: success rate, distances, and the model's predictions on ``x_adv``.
 
     Success is ``pred == target`` when ``target`` is given (targeted), else
-    ``pred != y``. Returns ``success_rate``, ``accuracy`` (``pred == y``),
-    ``mean_l2`` and ``mean_linf`` (pixel units, [0, 1] scale), ``eps`` (as
-    given), ``n`` and ``predictions`` (int64 tensor on ``x``'s device).
+    ``pred != y`` (``y`` None: the clean predictions stand in). Returns
+    ``success_rate``, ``accuracy`` (``pred == y``), ``mean_l2`` and
+    ``mean_linf`` (pixel units, [0, 1] scale), ``eps`` (as given), ``n`` and
+    ``predictions`` (int64 tensor on ``x``'s device).
     ``attack.targets_for(x, y)`` gives the targets an attack used.
     """
     if x.shape != x_adv.shape:
         raise UserError(f"x {tuple(x.shape)} and x_adv {tuple(x_adv.shape)} differ in shape")
     pred = predict_logits(model, x_adv, batch_size).argmax(dim=1)
+    if y is None:
+        y = predict_logits(model, x, batch_size).argmax(dim=1)
     y = y.to(pred.device)
     fooled = pred == target.to(pred.device) if target is not None else pred != y
     delta = (x_adv - x).flatten(1)

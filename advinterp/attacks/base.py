@@ -44,6 +44,21 @@ def check_eps(eps: float) -> float:
     return eps
 
 
+def check_steps(steps: int) -> int:
+    """Return ``steps`` as an int, or raise :class:`UserError` unless it is a whole number ≥ 1."""
+    if isinstance(steps, bool) or not float(steps).is_integer() or steps < 1:
+        raise UserError(f"steps must be a whole number ≥ 1, got {steps}")
+    return int(steps)
+
+
+def check_positive(name: str, value: float) -> float:
+    """Return ``value`` as a float, or raise :class:`UserError` unless finite and > 0."""
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise UserError(f"{name} must be a positive number, got {value:g}")
+    return value
+
+
 def check_images(x: torch.Tensor) -> None:
     """Raise :class:`UserError` unless ``x`` is a float N×C×H×W tensor of pixels in [0, 1]."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
@@ -101,6 +116,8 @@ class Attack:
             raise UserError(
                 f"unknown target {target!r}: choose 'least-likely', 'random' or a tensor of classes"
             )
+        if isinstance(target, torch.Tensor) and not self.targeted:
+            raise UserError("a target tensor was given to an untargeted attack: pass targeted=True")
         self.target = target
         self.seed = int(seed)
 
@@ -164,6 +181,9 @@ class Attack:
         the model's device and come back. ``target`` overrides the target
         choice given at construction (targeted attacks only).
         """
+        if len(x) == 0:
+            check_images(x)
+            return x.clone()
         gen = torch.Generator().manual_seed(self.seed)  # on the CPU: same draws on any device
         device = _model_device(self.model, x.device)
         # Attacks need autograd even when the caller is in no_grad or inference mode.
@@ -200,16 +220,18 @@ class Attack:
             raise UserError("a target was given to an untargeted attack: pass targeted=True")
         if target is not None:
             target = target.to(x.device)
-        need_logits = y is None or (self.targeted and target is None)
-        if need_logits:
+        num_classes = getattr(self.model, "num_classes", None)
+        logits = None
+        if y is None or (self.targeted and target is None and self.target == "least-likely"):
             logits = predict_logits(self.model, x, batch_size)
-            num_classes = logits.shape[1]
         if y is None:
             y = logits.argmax(dim=1)
         if self.targeted and target is None:
             if self.target == "least-likely":
                 target = least_likely_targets(logits)
             else:
+                if not isinstance(num_classes, int):
+                    num_classes = predict_logits(self.model, x[:1]).shape[1]
                 target = random_targets(y, num_classes, gen)
         return y, target
 
@@ -252,16 +274,3 @@ def _model_device(model: nn.Module, default: torch.device) -> torch.device:
     for t in model.buffers():
         return t.device
     return default
-
-
-def check_steps(steps: int) -> int:
-    if int(steps) != steps or steps < 1:
-        raise UserError(f"steps must be a whole number ≥ 1, got {steps}")
-    return int(steps)
-
-
-def check_positive(name: str, value: float) -> float:
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise UserError(f"{name} must be a positive number, got {value:g}")
-    return value

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from advinterp.attacks.base import Attack, check_positive, check_steps
 
-# Measured on a small Fashion-MNIST CNN (91% clean accuracy, 1,000 test images): λ = 10
-# with 20 Adam steps reaches the least-likely class on 98.7%; 10 steps stop at 60%
-# (each step moves a pixel by at most ~5/255), λ = 1 with 10 steps at 44%.
+# Least-likely success on 1,000 Fashion-MNIST test images, lr 5/255: λ = 10 with 20 steps
+# reaches 99.0% on a CNN at 91% accuracy and 97.7% on one at 85%; 10 steps stop near 79%
+# and 32% (a step moves a pixel by at most ~5/255), λ = 1 with 10 steps at 74% and 11%.
 DEFAULT_LAM = 10.0
 DEFAULT_STEPS = 20
 
@@ -65,7 +67,7 @@ class Opt(Attack):
         beta1, beta2 = 0.9, 0.999
         x_adv = x.clone()
         m, v = torch.zeros_like(x), torch.zeros_like(x)
-        best, best_dist = x_adv, torch.full((len(x),), float("inf"), device=x.device)
+        best, best_dist = x.clone(), torch.full((len(x),), math.inf, device=x.device)
         for t in range(1, self.steps + 1):
             x_adv.requires_grad_(True)
             logits = self.model(x_adv)
@@ -81,12 +83,15 @@ class Opt(Attack):
                 pred = logits.argmax(dim=1)
                 fooled = pred == target if target is not None else pred != y
                 closer = fooled & (dist < best_dist)
-                best_dist = torch.where(closer, dist, best_dist)
-                best = torch.where(closer.view(-1, 1, 1, 1), x_adv, best)
-                # Adam, written out on the pixels (element-wise, so images stay independent).
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                best_dist[closer] = dist[closer]
+                best[closer] = x_adv[closer]
+                # Adam on the pixels, as torch.optim.Adam does it; element-wise, so the
+                # images of a batch stay independent.
+                m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(1e-8))
-                x_adv = self.project(x_adv - self.lr * step, x)
-        found = torch.isfinite(best_dist).view(-1, 1, 1, 1)
-        return torch.where(found, best, x_adv)
+                denom = v.sqrt().div_(math.sqrt(1 - beta2**t)).add_(1e-8)
+                x_adv.addcdiv_(m, denom, value=-self.lr / (1 - beta1**t))
+                x_adv = self.project(x_adv, x)
+        missed = best_dist.isinf()
+        best[missed] = x_adv[missed]
+        return best

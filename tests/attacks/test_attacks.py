@@ -338,3 +338,26 @@ def test_torchattacks_by_name(trained):
     assert torch.equal(a, b) and (a - x[:16]).abs().max() <= EPS + 1e-6
     with pytest.raises(UserError, match="no attack"):
         make_attack("torchattacks:Nope", model)
+
+
+def test_attack_stats_by_hand(linear):
+    model, x, y = linear
+    delta = torch.zeros_like(x)
+    delta[:, 1, 2, 3] = 0.1  # one pixel per image: ‖δ‖₂ = ‖δ‖∞ = 0.1
+    x, x_adv = x.clamp(0.2, 0.8), x.clamp(0.2, 0.8) + delta
+    with torch.no_grad():
+        pred = model(x_adv).argmax(1)
+    target = (y + 1) % 5
+    stats = attack_stats(model, x, x_adv, y, target=target, eps=0.1)
+    assert torch.equal(stats["predictions"], pred)
+    assert stats["success_rate"] == pytest.approx((pred == target).float().mean().item())
+    assert stats["accuracy"] == pytest.approx((pred == y).float().mean().item())
+    assert stats["mean_l2"] == pytest.approx(0.1) and stats["mean_linf"] == pytest.approx(0.1)
+    assert stats["eps"] == 0.1 and stats["n"] == len(x)
+
+
+def test_empty_input_and_target_tensor_without_targeted(linear):
+    model, x, y = linear
+    assert make_attack("pgd", model)(x[:0], y[:0]).shape == (0, 3, 4, 4)
+    with pytest.raises(UserError, match="targeted=True"):
+        make_attack("opt", model, targeted=False, target=y)

@@ -20,7 +20,9 @@ from advinterp.models import (
 
 
 def test_wrapper_normalises_pixels():
-    model = Classifier(nn.Identity(), mean=(0.5, 0.25), std=(0.5, 0.25), input_size=4, num_classes=2)
+    model = Classifier(
+        nn.Identity(), mean=(0.5, 0.25), std=(0.5, 0.25), input_size=4, num_classes=2
+    )
     x = torch.rand(3, 2, 4, 4)
     expected = torch.stack([(x[:, 0] - 0.5) / 0.5, (x[:, 1] - 0.25) / 0.25], dim=1)
     torch.testing.assert_close(model(x), expected)
@@ -85,8 +87,14 @@ def test_pth_with_pickled_code_is_refused(tmp_path):
 
 
 def test_layers_verb_lists_names_and_shapes():
-    out = subprocess.run([sys.executable, "-m", "advinterp", "layers", "resnet", "--conv"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "advinterp", "layers", "resnet", "--conv"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = out.splitlines()
     assert lines[0].split() == ["conv1", "Conv2d", "16×28×28"]
-    assert any(line.split()[0] == "layer3.0.conv2" and line.split()[2] == "64×7×7" for line in lines)
+    assert any(
+        line.split()[0] == "layer3.0.conv2" and line.split()[2] == "64×7×7" for line in lines
+    )

@@ -1,0 +1,291 @@
+"""Real images paired with their adversarial counterparts, and one recording pass over either.
+
+An adversarial set from ``advinterp attack`` holds, for each of its ``M``
+images, the index of the clean image it was made from. The analysis indexes
+both sets by *position* ``p`` in the adversarial set: real image ``p`` is
+``dataset[indices[p]]``, adversarial image ``p`` is ``images[p]``, so the real
+and adversarial sets have the same size and the same true classes, as in the
+paper (§2, §4.2: the validation set and its adversarial counterpart).
+
+:func:`open_paired_sets` checks that the set fits the model and the dataset
+(same labels, same image size, same clean predictions) before any long pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from advinterp.data import TensorImageSet, batches, open_dataset
+from advinterp.errors import UserError
+from advinterp.record import Recorder
+from advinterp.stats import TopK
+
+__all__ = ["PairedSets", "open_paired_sets", "pair_sets", "top_pass"]
+
+# Share of clean predictions that may differ from the ones stored with the set
+# (float summation order differs between batch sizes and machines).
+_PREDICTION_TOLERANCE = 0.01
+_CHECK_IMAGES = 500
+
+
+class _Positions(torch.utils.data.Dataset):
+    """Items ``(x, label, p)`` of ``dataset[indices[p]]``: a dataset seen by position."""
+
+    def __init__(self, dataset, indices: torch.Tensor):
+        self.dataset = dataset
+        self.indices = indices
+        self.name = getattr(dataset, "name", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, p: int):
+        x, y, _ = self.dataset[int(self.indices[p])]
+        return x, y, p
+
+
+@dataclass
+class PairedSets:
+    """A real image set and its adversarial counterpart, both indexed by position.
+
+    ``real`` yields ``(x, label, p)`` items (use :func:`advinterp.data.batches`);
+    the tensors are those of :func:`advinterp.attacks.advset.load_adversarial_set`
+    and ``meta`` its ``attack.json``.
+    """
+
+    real: torch.utils.data.Dataset
+    images: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
+    preds: torch.Tensor
+    clean_preds: torch.Tensor
+    indices: torch.Tensor
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def success(self) -> torch.Tensor:
+        """Per image: the attack reached its target (targeted) or changed the true label (not)."""
+        targeted = self.targets >= 0
+        return torch.where(targeted, self.preds == self.targets, self.preds != self.labels)
+
+    @property
+    def attack_classes(self) -> torch.Tensor:
+        """The class the attack drove each image to, q̃'s source (eq. 13): its target, or,
+        for an untargeted image, the model's prediction on it."""
+        return torch.where(self.targets >= 0, self.targets, self.preds)
+
+    def attack_stats(self) -> dict:
+        """Method, success rate, mean L2 and L∞ (from ``attack.json`` where present), counts."""
+        stats = dict(self.meta.get("stats") or {})
+        success = self.success
+        return {
+            "method": self.meta.get("method"),
+            "success_rate": stats.get("success_rate", float(success.float().mean())),
+            "mean_l2": stats.get("mean_l2"),
+            "mean_linf": stats.get("mean_linf"),
+            "n": len(self),
+            "n_successful": int(success.sum()),
+        }
+
+    def real_batches(
+        self, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(images, true labels, positions)`` batches of the real images."""
+        return batches(self.real, batch_size)
+
+    def adversarial_batches(
+        self, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(images, true labels, positions)`` batches of the adversarial set."""
+        for start in range(0, len(self), batch_size):
+            pos = torch.arange(start, min(start + batch_size, len(self)))
+            yield self.images[start : start + batch_size], self.labels[pos], pos
+
+    def real_images(self, positions: Sequence[int]) -> torch.Tensor:
+        """The real images at ``positions``, stacked (for galleries)."""
+        return torch.stack([self.real[int(p)][0] for p in positions])
+
+
+def _dataset_spec(name: str | None) -> tuple[str, str]:
+    # attack.json names its dataset as ``open_dataset`` does: "fashion-mnist/test",
+    # "imagefolder:PATH".
+    if not name:
+        raise UserError("the adversarial set does not name its dataset: pass --data (and --split)")
+    if name.startswith("imagefolder:"):
+        return name, "test"
+    spec, _, split = name.partition("/")
+    return spec, split or "test"
+
+
+def open_paired_sets(
+    model,
+    adversarial: str | Path,
+    data: str | None = None,
+    split: str | None = None,
+    data_root: str | None = None,
+) -> PairedSets:
+    """Read the adversarial set in folder ``adversarial`` and pair it with its real images.
+
+    The real images come from the dataset the set names in ``attack.json``
+    (``data``/``split``/``data_root`` override it). Raises :class:`UserError`
+    when the folder is missing or incomplete, or the set does not fit the model
+    or the dataset.
+
+    Example::
+
+        pairs = open_paired_sets(load_model("runs/resnet"), "runs/resnet-opt")
+        len(pairs), pairs.attack_stats()["success_rate"]
+    """
+    from advinterp.attacks.advset import load_adversarial_set
+
+    folder = Path(adversarial)
+    if not (folder / "attack.json").is_file():
+        what = "does not exist" if not folder.exists() else "holds no attack.json"
+        raise UserError(
+            f"adversarial set {folder} {what}: make one with "
+            f"`advinterp attack --model CKPT --method opt --out {folder}`"
+        )
+    tensors, meta = load_adversarial_set(folder)
+    if data is not None:
+        spec, default_split = data, "test"
+    else:
+        spec, default_split = _dataset_spec(meta.get("dataset"))
+    dataset = open_dataset(
+        spec,
+        split or default_split,
+        data_root,
+        wnids=getattr(model, "wnids", None),
+        input_size=getattr(model, "input_size", 224),
+        in_chans=getattr(model, "in_chans", 3),
+    )
+    return pair_sets(model, dataset, tensors, meta, source=str(folder))
+
+
+def pair_sets(
+    model,
+    dataset,
+    tensors: Mapping[str, torch.Tensor],
+    meta: dict,
+    source: str = "the adversarial set",
+) -> PairedSets:
+    """Pair loaded adversarial ``tensors`` with the real ``dataset`` they were made from,
+    checking indices, labels, image size, class range and the model's clean predictions."""
+    indices = tensors["indices"].to(torch.int64)
+    labels = tensors["labels"].to(torch.int64)
+    n_data = len(dataset)
+    if len(indices) == 0:
+        raise UserError(f"{source} holds no images; rerun the attack")
+    if int(indices.max()) >= n_data or int(indices.min()) < 0:
+        raise UserError(
+            f"{source} indexes image {int(indices.max())} but {getattr(dataset, 'name', 'the dataset')} "
+            f"has {n_data}: it was made from another dataset (pass the right --data/--split)"
+        )
+    true = _dataset_labels(dataset, indices)
+    if true is not None and not torch.equal(true, labels):
+        bad = int((true != labels).sum())
+        raise UserError(
+            f"{source} does not match {getattr(dataset, 'name', 'the dataset')}: {bad} of "
+            f"{len(labels)} labels differ; it was made from another dataset (pass --data/--split)"
+        )
+    num_classes = getattr(model, "num_classes", None)
+    for key in ("labels", "targets", "preds", "clean_preds"):
+        top = int(tensors[key].max())
+        if num_classes is not None and top >= num_classes:
+            raise UserError(
+                f"{source} has {key} up to class {top} but the model has {num_classes} classes: "
+                "it was made for another model"
+            )
+    if isinstance(dataset, TensorImageSet):
+        real = TensorImageSet(
+            dataset.images[indices],
+            dataset.labels[indices],
+            dataset.classes,
+            dataset.wnids,
+            dataset.name,
+        )
+    else:
+        real = _Positions(dataset, indices)
+    images = tensors["images"]
+    pairs = PairedSets(
+        real=real,
+        images=images,
+        labels=labels,
+        targets=tensors["targets"].to(torch.int64),
+        preds=tensors["preds"].to(torch.int64),
+        clean_preds=tensors["clean_preds"].to(torch.int64),
+        indices=indices,
+        meta=dict(meta),
+    )
+    x, _, pos = next(iter(pairs.real_batches(min(_CHECK_IMAGES, len(pairs)))))
+    if tuple(x.shape[1:]) != tuple(images.shape[1:]):
+        raise UserError(
+            f"{source} holds {'×'.join(map(str, images.shape[1:]))} images but the dataset gives "
+            f"{'×'.join(map(str, x.shape[1:]))}: it was made from other data or for another model"
+        )
+    model.eval()
+    with torch.inference_mode():
+        agree = float((model(x).argmax(1) == pairs.clean_preds[pos]).float().mean())
+    if agree < 1 - _PREDICTION_TOLERANCE:
+        raise UserError(
+            f"{source} was made for another model: its stored clean predictions agree with this "
+            f"model's on only {100 * agree:.0f}% of images; attack this model "
+            "(advinterp attack --model CKPT --out DIR)"
+        )
+    return pairs
+
+
+def _dataset_labels(dataset, indices: torch.Tensor) -> torch.Tensor | None:
+    labels = getattr(dataset, "labels", None)
+    if torch.is_tensor(labels):
+        return labels.to(torch.int64)[indices]
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        return torch.tensor([samples[int(i)][1] for i in indices], dtype=torch.int64)
+    return None
+
+
+def top_pass(
+    model,
+    batches: Iterable,
+    layers: str | Sequence[str],
+    stores: Mapping[str, tuple[int, torch.Tensor | None]],
+    reduce: str = "max",
+    progress: bool = False,
+    desc: str = "top-k",
+    total: int | None = None,
+) -> dict[str, dict[str, TopK]]:
+    """One pass over ``batches`` feeding several top-k stores per recorded layer.
+
+    ``stores`` maps a name to ``(k, allowed)``: ``allowed`` is ``None`` (every
+    image) or a boolean tensor over image positions (only those images enter that
+    store, e.g. the successful adversarial images). ``batches`` yields tuples whose
+    first item is the images and last their positions. Returns
+    ``{store: {layer: TopK}}``; the forward pass runs once whatever the number
+    of stores.
+    """
+    tops: dict[str, dict[str, TopK]] = {name: {} for name in stores}
+    model.eval()
+    with Recorder(model, layers, reduce=reduce) as rec, torch.inference_mode():
+        for item in tqdm(
+            batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False
+        ):
+            x, pos = item[0], item[-1]
+            responses = rec(x)
+            for name, (k, allowed) in stores.items():
+                keep = None if allowed is None else allowed[pos]
+                for layer, resp in responses.items():
+                    if layer not in tops[name]:
+                        tops[name][layer] = TopK(k, resp.shape[1])
+                    if keep is None:
+                        tops[name][layer].add(resp, pos)
+                    elif bool(keep.any()):
+                        tops[name][layer].add(resp[keep], pos[keep])
+    return tops

@@ -1,0 +1,10 @@
+"""Record what units of named layers respond to images, through forward hooks.
+
+``Recorder(model, "conv")`` hooks every conv layer of ``model.net``; each
+forward pass leaves ``layer → N×C`` unit responses (spatial max by default).
+The model's own code is never forked or changed.
+"""
+
+from advinterp.record.hooks import REDUCTIONS, Recorder, resolve_layers
+
+__all__ = ["Recorder", "resolve_layers", "REDUCTIONS"]

@@ -1,0 +1,9 @@
+"""Streaming, mergeable statistics over recorded unit responses.
+
+Each statistic has ``add``, ``result``, ``state_dict``/``set_state_dict`` and
+``merge``, so a pass can be checkpointed, resumed, and sharded across ranks.
+"""
+
+from advinterp.stats.topk import TopK, k_for_fraction, top_responses
+
+__all__ = ["TopK", "k_for_fraction", "top_responses"]

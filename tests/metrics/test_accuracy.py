@@ -1,0 +1,38 @@
+import torch
+
+from advinterp.attacks.fgsm import FGSM
+from advinterp.data import open_dataset
+from advinterp.metrics.accuracy import accuracy, format_table2, table2
+from advinterp.models import load_model
+
+
+def _brute_topk(logits, y, k):
+    return (
+        100.0
+        * float(sum(int(y[i]) in logits[i].topk(k).indices.tolist() for i in range(len(y))))
+        / len(y)
+    )
+
+
+def test_table2_matches_a_brute_force_fgsm(small_run):
+    model = load_model(str(small_run / "model.safetensors"))
+    data = open_dataset("fashion-mnist", "test", limit=300)
+    x, y = data.images.float() / 255, data.labels
+    row = table2(model, data, eps=[4 / 255, 16 / 255], batch_size=128)
+    with torch.inference_mode():
+        clean = model(x)
+    assert row["clean_top1"] == _brute_topk(clean, y, 1)
+    assert row["clean_top5"] == _brute_topk(clean, y, 5)
+    assert accuracy(model, data) == {"top1": row["clean_top1"], "top5": row["clean_top5"]}
+    for eps in (4, 16):
+        x_adv = FGSM(model, eps=eps / 255).run(x, y, progress=False)
+        with torch.inference_mode():
+            adv = model(x_adv)
+        assert abs(row["fgsm"][str(eps)]["top1"] - _brute_topk(adv, y, 1)) <= 100 / 300
+        assert abs(row["fgsm"][str(eps)]["top5"] - _brute_topk(adv, y, 5)) <= 100 / 300
+    assert row["fgsm_top1"] == row["fgsm"]["4"]["top1"]
+    # A bigger budget never helps the model (FGSM is monotone here on average).
+    assert row["fgsm"]["16"]["top1"] <= row["fgsm"]["4"]["top1"] <= row["clean_top1"]
+    assert row["n"] == 300
+    text = format_table2({"resnet": row})
+    assert "FGSM ε=16 top-1" in text and f"{row['clean_top1']:.2f}" in text
