@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-5)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument(
+        "--shift", type=int, default=1, help="random shifts of up to N pixels (augmentation)"
+    )
+    p.add_argument("--no-flip", action="store_true", help="no random left-right flips")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist")
     p.add_argument("--data-root")
@@ -146,6 +151,9 @@ def cmd_train(args) -> int:
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        shift=args.shift,
+        flip=not args.no_flip,
         seed=args.seed,
         data=args.data,
         data_root=args.data_root,

@@ -33,7 +33,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-5
     label_smoothing: float = 0.1
-    shift: int = 2
+    shift: int = 1
     flip: bool = True
     seed: int = 0
     data: str = "fashion-mnist"
@@ -46,6 +46,12 @@ class TrainConfig:
             raise UserError("--epochs and --batch-size must be at least 1")
         if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
             raise UserError("need --lr > 0, 0 ≤ --momentum < 1 and --weight-decay ≥ 0")
+        if not (0 <= self.label_smoothing < 1 and 0 <= self.shift <= 8):
+            raise UserError("need 0 ≤ --label-smoothing < 1 and 0 ≤ --shift ≤ 8")
+        if self.data != "fashion-mnist":
+            raise UserError(
+                "training reads fashion-mnist; for ImageNet models load your own weights with --weights"
+            )
 
 
 def augment(x: torch.Tensor, shift: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
