@@ -344,7 +344,9 @@ def _semantic_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--split", choices=("train", "test"), help="split of --data")
     p.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files")
-    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=128, help="images per forward pass (128)"
+    )
 
 
 def _class_wnids(args, model) -> list[str] | None:

@@ -168,7 +168,7 @@ def unit_galleries(
     box_distance: float = 2.0,
     fraction: float = 0.01,
     reduce: str = "max",
-    batch_size: int = 500,
+    batch_size: int = 128,
     progress: bool = False,
     **saliency_options,
 ) -> Galleries:

@@ -261,6 +261,7 @@ def top_pass(
     progress: bool = False,
     desc: str = "top-k",
     total: int | None = None,
+    flush_rows: int = 2048,
 ) -> dict[str, dict[str, TopK]]:
     """One pass over ``batches`` feeding several top-k stores per recorded layer.
 
@@ -268,10 +269,27 @@ def top_pass(
     image) or a boolean tensor over image positions (only those images enter that
     store, e.g. the successful adversarial images). ``batches`` yields tuples whose
     first item is the images and last their positions. Returns
-    ``{store: {layer: TopK}}``; the forward pass runs once whatever the number
-    of stores.
+    ``{store: {layer: TopK}}``, the same as feeding every batch to one
+    :class:`~advinterp.stats.TopK` per layer; the forward pass runs once whatever
+    the number of stores.
+
+    Responses of all layers are concatenated and folded into one top-k store per
+    ``flush_rows`` images rather than per layer and batch: with small batches
+    (which keep a CPU's caches warm) the per-call cost of ``topk`` would
+    otherwise rival the forward pass.
     """
-    tops: dict[str, dict[str, TopK]] = {name: {} for name in stores}
+    sizes: dict[str, int] = {}
+    merged: dict[str, TopK] = {}
+    pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in stores}
+    rows = dict.fromkeys(stores, 0)
+
+    def flush(name: str) -> None:
+        if pending[name]:
+            values, pos = zip(*pending[name], strict=True)
+            merged[name].add(torch.cat(values), torch.cat(pos))
+            pending[name].clear()
+            rows[name] = 0
+
     model.eval()
     with Recorder(model, layers, reduce=reduce) as rec, torch.inference_mode():
         for item in tqdm(
@@ -279,13 +297,33 @@ def top_pass(
         ):
             x, pos = item[0], item[-1]
             responses = rec(x)
-            for name, (k, allowed) in stores.items():
-                keep = None if allowed is None else allowed[pos]
-                for layer, resp in responses.items():
-                    if layer not in tops[name]:
-                        tops[name][layer] = TopK(k, resp.shape[1])
-                    if keep is None:
-                        tops[name][layer].add(resp, pos)
-                    elif bool(keep.any()):
-                        tops[name][layer].add(resp[keep], pos[keep])
+            if not sizes:
+                sizes = {layer: resp.shape[1] for layer, resp in responses.items()}
+                merged = {name: TopK(k, sum(sizes.values())) for name, (k, _) in stores.items()}
+            joined = torch.cat(list(responses.values()), dim=1)
+            for name, (_, allowed) in stores.items():
+                if allowed is None:
+                    pending[name].append((joined, pos))
+                else:
+                    keep = allowed[pos]
+                    pending[name].append((joined[keep], pos[keep]))
+                rows[name] += len(pending[name][-1][1])
+                if rows[name] >= flush_rows:
+                    flush(name)
+    tops: dict[str, dict[str, TopK]] = {}
+    for name, top in merged.items():
+        flush(name)
+        values, indices = top.result()
+        tops[name], start = {}, 0
+        for layer, size in sizes.items():
+            part = TopK(top.k, size)
+            part.set_state_dict(
+                {
+                    "values": values[start : start + size],
+                    "indices": indices[start : start + size],
+                    "count": torch.tensor(top.count),
+                }
+            )
+            tops[name][layer] = part
+            start += size
     return tops

@@ -110,7 +110,7 @@ def model_semantics(
     layers: str | Sequence[str] = "conv",
     fraction: float = 0.01,
     reduce: str = "max",
-    batch_size: int = 500,
+    batch_size: int = 128,
     name: str | None = None,
     progress: bool = False,
 ) -> ModelSemantics:

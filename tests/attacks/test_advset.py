@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from advinterp.attacks import make_attack
+from advinterp.attacks.advset import build_adversarial_set, load_adversarial_set
+from advinterp.cli import main
+from advinterp.data import open_dataset
+from advinterp.errors import UserError
+from advinterp.io import read_json
+from advinterp.models import load_model
+
+
+def test_attack_verb_writes_exact_images_labels_and_stats(small_run, tmp_path, capsys):
+    model_path = str(small_run / "model.safetensors")
+    out = tmp_path / "fgsm"
+    rc = main(
+        [
+            "attack",
+            "--model",
+            model_path,
+            "--method",
+            "fgsm",
+            "--eps",
+            "8",
+            "--limit",
+            "100",
+            "--out",
+            str(out),
+            "--batch-size",
+            "32",
+        ]
+    )
+    assert rc == 0 and str(out) in capsys.readouterr().out
+    tensors, meta = load_adversarial_set(out)
+    model = load_model(model_path)
+    data = open_dataset("fashion-mnist", "test", limit=100)
+    x, y = data.images.float() / 255, data.labels
+    expected = make_attack("fgsm", model, eps=8 / 255).run(x, y, progress=False)
+    assert torch.equal(tensors["images"], expected)  # exact floats, as the attack made them
+    assert torch.equal(tensors["labels"], y) and torch.equal(tensors["indices"], torch.arange(100))
+    assert (tensors["targets"] == -1).all()
+    with torch.inference_mode():
+        preds = model(expected).argmax(1)
+    assert torch.equal(tensors["preds"], preds)
+    stats = meta["stats"]
+    assert stats["success_rate"] == pytest.approx(float((preds != y).float().mean()))
+    assert stats["mean_linf"] <= 8 / 255 + 1e-6
+    l2 = (expected - x).flatten(1).norm(dim=1).mean()
+    assert stats["mean_l2"] == pytest.approx(float(l2), rel=1e-5)
+
+
+def test_a_resumed_set_equals_an_uninterrupted_one(small_run, tmp_path):
+    model = load_model(str(small_run / "model.safetensors"))
+    data = open_dataset("fashion-mnist", "test", limit=90)
+    kw = dict(
+        method="pgd", eps=8 / 255, targeted=True, target="random", chunk=40, progress=False, steps=3
+    )
+    build_adversarial_set(model, data, tmp_path / "a", **kw)
+    build_adversarial_set(model, data, tmp_path / "b", **kw)
+    (tmp_path / "b" / "shards" / "00001.safetensors").unlink()
+    (tmp_path / "b" / "attack.json").unlink()
+    with pytest.raises(UserError, match="--resume"):
+        build_adversarial_set(model, data, tmp_path / "b", **kw)
+    build_adversarial_set(model, data, tmp_path / "b", resume=True, **kw)
+    a, meta_a = load_adversarial_set(tmp_path / "a")
+    b, meta_b = load_adversarial_set(tmp_path / "b")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert meta_a["stats"] == meta_b["stats"] and meta_a["shards"] == 3
+    assert (a["targets"] != a["labels"]).all()  # random targets are never the true class
+    with pytest.raises(UserError, match="other settings"):
+        build_adversarial_set(model, data, tmp_path / "b", resume=True, **{**kw, "seed": 5})
+
+
+def test_an_incomplete_set_is_a_clear_error(small_run, tmp_path):
+    model = load_model(str(small_run / "model.safetensors"))
+    data = open_dataset("fashion-mnist", "test", limit=20)
+    build_adversarial_set(
+        model,
+        data,
+        tmp_path / "s",
+        method="fgsm",
+        eps=4 / 255,
+        targeted=False,
+        chunk=10,
+        progress=False,
+    )
+    (tmp_path / "s" / "shards" / "00000.safetensors").unlink()
+    with pytest.raises(UserError, match="incomplete"):
+        load_adversarial_set(tmp_path / "s")
+    assert read_json(tmp_path / "s" / "attack.json")["shards"] == 2
