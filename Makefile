@@ -18,6 +18,10 @@ test: $(STAMP)
 	.venv/bin/ruff format --check advinterp tests benches
 	$(PY) -m pytest -q
 
+bench: $(STAMP)
+	$(PY) -m benches.bench_attacks
+	$(PY) -m benches.bench_semantics
+
 format: $(STAMP)
 	.venv/bin/ruff format advinterp tests benches
 	.venv/bin/ruff check --fix advinterp tests benches

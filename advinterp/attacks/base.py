@@ -261,13 +261,20 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> 
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
-    """Eval mode (fixed batch-norm statistics, no dropout) for the block, then restore."""
-    was_training = model.training
-    model.eval()
+    """Eval mode (fixed batch-norm statistics, no dropout) for the block, then restore.
+
+    Each module gets its own mode back (a frozen batch norm inside a training model
+    stays frozen); a model already in eval mode is left alone, which saves two walks
+    over its modules per call.
+    """
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for m in training:
+            m.training = True
 
 
 @contextlib.contextmanager
@@ -293,9 +300,13 @@ def _channels_last(model: nn.Module, device: torch.device, enabled: bool | None 
             if not isinstance(w, nn.Parameter) or w.dim() != 4 or id(w) in seen:
                 continue
             seen.add(id(w))
-            if not w.is_contiguous(memory_format=torch.channels_last):
+            # ``.to``, not ``.contiguous``: a weight with one input channel counts as both
+            # layouts and is kept as is by ``.contiguous``; ``.to`` gives it channels-last
+            # strides, so the first convolution's output is channels-last too.
+            cl = w.data.to(memory_format=torch.channels_last)
+            if cl.stride() != w.stride():
                 swapped.append((w, w.data))
-                w.data = w.data.contiguous(memory_format=torch.channels_last)
+                w.data = cl
     try:
         yield model
     finally:

@@ -361,3 +361,29 @@ def test_empty_input_and_target_tensor_without_targeted(linear):
     assert make_attack("pgd", model)(x[:0], y[:0]).shape == (0, 3, 4, 4)
     with pytest.raises(UserError, match="targeted=True"):
         make_attack("opt", model, targeted=False, target=y)
+
+
+def test_channels_last_swap_gives_the_weights_back_and_the_same_attack(trained):
+    model, x, y = trained
+    x, y = x[:64], y[:64]
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    before = [(w.data_ptr(), w.stride()) for w in weights]
+    attack = make_attack("fgsm", model, eps=EPS)
+    fast = attack(x, y)  # on the CPU: conv weights channels-last while it runs
+    assert [(w.data_ptr(), w.stride()) for w in weights] == before
+    attack.channels_last = False
+    plain = attack(x, y)
+    # The same algorithm; the layout only changes the rounding of the convolutions'
+    # sums, which may flip sign(∇) where a gradient is ~0.
+    assert ((fast - plain).abs() > 1e-6).float().mean() < 1e-3
+
+
+def test_eval_mode_gives_each_module_its_own_mode_back(trained):
+    model, x, y = trained
+    model.train()
+    model.net[0].eval()  # e.g. a frozen layer inside a model in training
+    try:
+        make_attack("fgsm", model, eps=EPS)(x[:8], y[:8])
+        assert model.training and model.net[1].training and not model.net[0].training
+    finally:
+        model.eval()

@@ -1,0 +1,1 @@
+"""Benchmarks (not part of the tests): ``.venv/bin/python -m benches.bench_attacks`` and others."""

@@ -1,0 +1,109 @@
+"""Helpers shared by the benchmarks: interleaved timing, the machine's description, results.json.
+
+Timings on a shared machine drift with the neighbours' load; running A and B
+alternately in one process, with the order rotated each round, and comparing
+medians cancels most of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from advinterp.io import read_json, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def set_threads(threads: int) -> int:
+    """Use ``threads`` intra-op threads (0: torch's default); returns the number in force."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``name``, or CUDA when there is one, else the CPU."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleave(
+    tasks: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, object]]:
+    """Run every task once per round, in order on even rounds and reversed on odd ones.
+
+    Reversing (A B C, C B A, …) cancels a linear drift in the machine's speed
+    and what one task leaves in the caches for the next. Returns ``(times, last)``:
+    the seconds of each run by task, and each task's last return value.
+    """
+    names = list(tasks)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    last: dict[str, object] = {}
+    for r in range(rounds):
+        this_round = {}
+        for name in names if r % 2 == 0 else names[::-1]:
+            sync(device)
+            t0 = time.perf_counter()
+            last[name] = tasks[name]()
+            sync(device)
+            this_round[name] = time.perf_counter() - t0
+            times[name].append(this_round[name])
+        if on_round is not None:
+            on_round(r, this_round)
+    return times, last
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on: device, versions, threads, date."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name() or platform.processor() or platform.machine()
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def save_results(key: str, value: dict, path: Path = RESULTS) -> Path:
+    """Set ``results.json[key] = value``, keeping the other benches' keys; atomic write."""
+    data = read_json(path) if path.exists() else {}
+    data[key] = value
+    write_json(path, data)
+    return path
