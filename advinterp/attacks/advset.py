@@ -14,7 +14,7 @@ import torch
 from advinterp.errors import UserError
 from advinterp.io import read_json, read_state_dict
 
-KEYS = ("images", "labels", "targets", "clean_preds", "preds", "indices")
+KEYS = ("images", "labels", "targets", "clean_preds", "preds", "indices", "l2", "linf")
 
 
 def load_adversarial_set(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -90,8 +90,7 @@ def build_adversarial_set(
     write_json(out / "settings.json", settings)
     n_chunks = -(-len(dataset) // chunk)
     bar = tqdm(total=len(dataset), desc=f"attack {method}", unit="img", disable=not progress)
-    chunk_iter = batches(dataset, chunk)
-    for i, (x, y, idx) in enumerate(chunk_iter):
+    for i, (x, y, idx) in enumerate(batches(dataset, chunk)):
         path = shard_dir / f"{i:05d}.safetensors"
         if path.exists():
             bar.update(len(y))
@@ -108,6 +107,7 @@ def build_adversarial_set(
         with torch.inference_mode():
             preds = torch.cat([model(b).argmax(1) for b in x_adv.split(batch_size)])
         clean = clean_logits.argmax(1)
+        delta = (x_adv - x).flatten(1)
         save_tensors(
             path,
             {
@@ -117,6 +117,8 @@ def build_adversarial_set(
                 "clean_preds": clean,
                 "preds": preds,
                 "indices": idx,
+                "l2": delta.norm(dim=1),
+                "linf": delta.abs().amax(dim=1),
             },
         )
         bar.update(len(y))
@@ -127,10 +129,14 @@ def build_adversarial_set(
         raise UserError(
             f"{out}: expected {n_chunks} shards, found {n_written}; remove the folder and rerun"
         )
-    write_json(out / "attack.json", meta)  # provisional, so the loader accepts the shards
-    tensors, _ = load_adversarial_set(out)
-    x_clean = torch.cat([x for x, _, _ in batches(dataset, chunk)])
-    meta["stats"] = set_stats(tensors, x_clean)
+    # Stats from the shards' small tensors: the images themselves are never reloaded.
+    small = [k for k in KEYS if k != "images"]
+    meta["stats"] = set_stats(
+        {
+            k: torch.cat([_read(p, k) for p in sorted(shard_dir.glob("*.safetensors"))])
+            for k in small
+        }
+    )
     write_json(out / "attack.json", meta)
     return meta
 
@@ -150,9 +156,15 @@ def choose_targets(
     raise UserError(f"unknown target {target!r}: use least-likely, random or a class index")
 
 
-def set_stats(tensors: dict[str, torch.Tensor], x_clean: torch.Tensor) -> dict:
+def _read(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def set_stats(tensors: dict[str, torch.Tensor]) -> dict:
     """Success rate, mean L2 / L∞ distance, and the clean and adversarial accuracy."""
-    delta = (tensors["images"] - x_clean).flatten(1)
     targeted = bool((tensors["targets"] >= 0).all())
     if targeted:
         success = tensors["preds"] == tensors["targets"]
@@ -160,8 +172,8 @@ def set_stats(tensors: dict[str, torch.Tensor], x_clean: torch.Tensor) -> dict:
         success = tensors["preds"] != tensors["labels"]
     return {
         "success_rate": float(success.float().mean()),
-        "mean_l2": float(delta.norm(dim=1).mean()),
-        "mean_linf": float(delta.abs().amax(dim=1).mean()),
+        "mean_l2": float(tensors["l2"].mean()),
+        "mean_linf": float(tensors["linf"].mean()),
         "clean_top1": 100 * float((tensors["clean_preds"] == tensors["labels"]).float().mean()),
         "adversarial_top1": 100 * float((tensors["preds"] == tensors["labels"]).float().mean()),
     }
