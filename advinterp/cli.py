@@ -188,11 +188,20 @@ def _open_data(args, model):
     )
 
 
+def _check_eps(values: list[float]) -> None:
+    for eps in values:
+        if not 0 < eps <= 255:
+            raise UserError(
+                f"--eps {eps:g} is outside (0, 255]: give ε in 0–255 pixel units, e.g. --eps 4"
+            )
+
+
 def cmd_evaluate(args) -> int:
     from advinterp.io import write_json
     from advinterp.metrics.accuracy import format_table2, table2
     from advinterp.models import load_model
 
+    _check_eps(args.eps)
     model = load_model(args.model, args.weights)
     data = _open_data(args, model)
     row = table2(
@@ -212,10 +221,7 @@ def cmd_attack(args) -> int:
 
     if args.method not in METHODS:
         raise UserError(f"unknown attack method {args.method!r}: choose from {', '.join(METHODS)}")
-    if args.eps is not None and not 0 < args.eps <= 255:
-        raise UserError(
-            f"--eps {args.eps:g} is outside (0, 255]: give ε in 0–255 pixel units, e.g. --eps 4"
-        )
+    _check_eps([] if args.eps is None else [args.eps])
     target = args.target
     if target not in ("least-likely", "random"):
         try:

@@ -83,6 +83,22 @@ def one_cycle(step: int, total: int, peak: float, warmup: float = 0.15) -> float
     return peak * max(0.0, (total - step) / max(1, total - up))
 
 
+def sgd(model, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """Nesterov SGD over ``model.net``; weight decay on weights only (not biases or norms)."""
+    decay, no_decay = [], []
+    for p in model.net.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        momentum=momentum,
+        nesterov=True,
+    )
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg.arch`` on ``cfg.data``; write ``out/model.safetensors`` + ``.json`` each epoch.
 
@@ -96,18 +112,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     model = create_model(
         cfg.arch, num_classes=len(train_set.classes), in_chans=train_set.images.shape[1]
     )
-    decay, no_decay = [], []
-    for p in model.net.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)
-    opt = torch.optim.SGD(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=True,
-    )
+    opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     history, start_epoch, elapsed = [], 0, 0.0
@@ -162,15 +167,32 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
     return read_json(out / "model.json")
 
 
-def _save(out: Path, cfg: TrainConfig, model, opt, history: list, elapsed: float) -> None:
+def _save(
+    out: Path,
+    cfg,
+    model,
+    opt,
+    history: list,
+    elapsed: float,
+    *,
+    arch: str | None = None,
+    name: str | None = None,
+    **extra,
+) -> None:
+    """Write the training state, then the checkpoint; ``cfg`` is any settings dataclass.
+
+    ``arch``/``name`` default to ``cfg.arch``; ``extra`` goes into ``model.json``.
+    """
     config = model_config(
         model,
-        cfg.arch,
+        arch or cfg.arch,
+        name=name,
         dataset=cfg.data,
         train=asdict(cfg),
         history=history,
         test_top1=history[-1]["test_top1"],
         train_seconds=elapsed,
+        **extra,
     )
     state = {
         f"momentum.{i}": opt.state[p]["momentum_buffer"]
@@ -186,7 +208,7 @@ def _save(out: Path, cfg: TrainConfig, model, opt, history: list, elapsed: float
     save_checkpoint(out / "model", model, config)
 
 
-def _restore(out: Path, cfg: TrainConfig, model, opt) -> tuple[int, list, float]:
+def _restore(out: Path, cfg, model, opt) -> tuple[int, list, float]:
     if not (out / "train_state.json").is_file():
         return 0, [], 0.0
     state = read_json(out / "train_state.json")

@@ -22,6 +22,7 @@ def _main(capsys, *args):
         (["evaluate", "--model", "nowhere/model.safetensors"], "not found"),
         (["attack", "--model", "resnet", "--out", "x"], "train it first"),
         (["layers", "nosuchnet"], "unknown model"),
+        (["evaluate", "--model", "x", "--eps", "4", "-3"], "outside (0, 255]"),
         (["train", "--out", "x", "--arch", "lenet", "--limit", "10"], "unknown architecture"),
         (
             ["train", "--out", "x", "--data-root", "/nonexistent"],

@@ -34,7 +34,9 @@ def load_adversarial_set(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     for s, p in zip(shards, parts, strict=True):
         missing = [k for k in KEYS if k not in p]
         if missing:
-            raise UserError(f"{s} lacks {', '.join(missing)}; it is not an adversarial-set shard")
+            raise UserError(
+                f"{s} lacks {', '.join(missing)}; it is not an adversarial-set shard of this version: rerun advinterp attack"
+            )
     return {k: torch.cat([p[k] for p in parts]) for k in KEYS}, meta
 
 

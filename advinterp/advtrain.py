@@ -1,0 +1,276 @@
+"""Adversarial fine-tuning with the feature-consistency loss (the paper's eq. 5–9).
+
+From a normally trained checkpoint, each batch is trained on
+
+    α·CE(f(x), y) + (1 − α)·CE(f(x_fgsm), y) + β·d(φ(x), φ(x_fgsm)),
+
+with ``d`` the squared Euclidean distance (summed over features, averaged over
+the batch) and ``x_fgsm`` FGSM examples made on the fly, ε drawn uniformly per
+image from ``eps_range``. ``φ`` is the penultimate feature vector (the input of
+the last ``Linear``; default), the logits (adversarial logit pairing) or any
+named layer's output. ``β = 0`` is plain adversarial training (the ``-AT``
+baseline); otherwise the model is named ``<arch>-Adv``.
+
+One step is two forward and two backward passes, the floor:
+
+1. a training-mode forward of the clean batch (``x`` requires grad) gives the
+   clean logits and ``φ(x)``;
+2. ``torch.autograd.grad`` of the clean cross-entropy w.r.t. ``x`` only (no
+   parameter gradients; the graph is kept) gives the FGSM direction;
+3. a training-mode forward of ``x_fgsm`` gives its logits and ``φ(x_fgsm)``;
+4. one backward of the total loss into the parameters.
+
+Batch norm: no forward pass exists only for the attack, so the running
+statistics see each clean batch once and each adversarial batch once, like any
+other training data, and no eval-mode or throw-away pass touches them. The
+FGSM direction comes from the training-mode (batch-statistics) forward rather
+than an eval-mode one; for the sign of a gradient the difference is small, and
+it saves a third forward and backward pass (crafting in eval mode, then one
+forward of ``cat([x, x_fgsm])``, costs ≈ 3 passes each way instead of 2).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from advinterp import train as train_mod
+from advinterp.data import batches, open_dataset
+from advinterp.errors import UserError
+from advinterp.io import read_json
+from advinterp.metrics.accuracy import table2
+from advinterp.models import load_model
+from advinterp.record.hooks import resolve_layers
+from advinterp.train import augment, one_cycle, sgd
+
+
+@dataclass
+class AdvTrainConfig:
+    init: str = ""
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    alpha: float = 0.5
+    beta: float = 1.0
+    eps_min: float = 4 / 255
+    eps_max: float = 16 / 255
+    phi: str = "penultimate"
+    shift: int = 1
+    flip: bool = True
+    seed: int = 0
+    data: str = "fashion-mnist"
+    data_root: str | None = None
+    limit: int | None = None
+    eval_limit: int | None = 1000
+
+    def check(self) -> None:
+        if not self.init:
+            raise UserError("give the normally trained checkpoint to start from (--init)")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("--epochs and --batch-size must be at least 1")
+        if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
+            raise UserError("need --lr > 0, 0 ≤ --momentum < 1 and --weight-decay ≥ 0")
+        if not (0 <= self.alpha <= 1 and self.beta >= 0 and math.isfinite(self.beta)):
+            raise UserError(f"need 0 ≤ --alpha ≤ 1 and --beta ≥ 0, got {self.alpha}, {self.beta}")
+        if not (0 < self.eps_min <= self.eps_max <= 1):
+            raise UserError(
+                f"need 0 < --eps-min ≤ --eps-max ≤ 255 (0–255 units), got "
+                f"{self.eps_min * 255:g}, {self.eps_max * 255:g}"
+            )
+        if not 0 <= self.shift <= 8:
+            raise UserError("need 0 ≤ --shift ≤ 8")
+        if self.data != "fashion-mnist":
+            raise UserError("adversarial fine-tuning reads fashion-mnist")
+
+
+def consistency_loss(
+    logits_clean: torch.Tensor,
+    logits_adv: torch.Tensor,
+    feat_clean: torch.Tensor | None,
+    feat_adv: torch.Tensor | None,
+    y: torch.Tensor,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """α·CE(clean) + (1−α)·CE(adv) + β·mean over the batch of ‖φ(x) − φ(x_adv)‖².
+
+    Cross-entropies are batch means. With ``beta == 0`` the features are not
+    used (they may be ``None``) and this is the plain adversarial-training loss.
+    """
+    loss = alpha * F.cross_entropy(logits_clean, y) + (1 - alpha) * F.cross_entropy(logits_adv, y)
+    if beta:
+        diff = (feat_clean - feat_adv).flatten(1)
+        loss = loss + beta * diff.pow(2).sum(1).mean()
+    return loss
+
+
+def draw_eps(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    """One ε per image, uniform in [lo, hi]."""
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def fgsm_images(x: torch.Tensor, grad: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``clip[0,1](x + ε·sign(grad))`` with one ε per image (eq. 1)."""
+    return (x + eps.view(-1, *([1] * (x.dim() - 1))) * grad.sign()).clamp_(0.0, 1.0)
+
+
+class FeatureTap:
+    """Keeps ``φ`` of the latest forward pass (with its autograd graph) in ``self.value``.
+
+    ``"penultimate"``: the input of the last ``nn.Linear`` of ``model.net`` (a
+    forward pre-hook, e.g. on ``fc``); ``"logits"``: nothing is hooked (use the
+    model's output); a layer name: that layer's output.
+    """
+
+    def __init__(self, model: nn.Module, phi: str):
+        self.phi, self.value, self._handle = phi, None, None
+        net = getattr(model, "net", model)
+        if phi == "logits":
+            return
+        if phi == "penultimate":
+            linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise UserError("the model has no Linear layer: name a layer with --phi")
+            self._handle = linears[-1].register_forward_pre_hook(self._pre)
+        else:
+            (name,) = resolve_layers(model, phi)
+            self._handle = dict(net.named_modules())[name].register_forward_hook(self._post)
+
+    def _pre(self, module, args):
+        self.value = args[0]
+
+    def _post(self, module, args, output):
+        self.value = output
+
+    def features(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.phi == "logits" else self.value
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def adv_step(model, tap: FeatureTap, x, y, eps, cfg: AdvTrainConfig):
+    """Loss of one batch (model in training mode); returns ``(loss, logits_clean, x_adv)``.
+
+    Two forward passes; the FGSM gradient reuses the clean forward's graph.
+    """
+    x = x.detach().requires_grad_(True)
+    logits_clean = model(x)
+    feat_clean = tap.features(logits_clean) if cfg.beta else None
+    ce_clean = F.cross_entropy(logits_clean, y, reduction="sum")
+    (grad,) = torch.autograd.grad(ce_clean, x, retain_graph=True)
+    x_adv = fgsm_images(x.detach(), grad, eps)
+    logits_adv = model(x_adv)
+    feat_adv = tap.features(logits_adv) if cfg.beta else None
+    loss = consistency_loss(logits_clean, logits_adv, feat_clean, feat_adv, y, cfg.alpha, cfg.beta)
+    return loss, logits_clean, x_adv
+
+
+def model_name(arch: str, beta: float) -> str:
+    return f"{arch}-{'Adv' if beta else 'AT'}"
+
+
+def advtrain(cfg: AdvTrainConfig, out: str | Path, resume: bool = False, progress: bool = True):
+    """Fine-tune ``cfg.init`` adversarially; write ``out/model.safetensors`` + ``.json`` each epoch.
+
+    Returns the final ``model.json`` (with per-epoch history: clean and FGSM ε=4/255 top-1).
+    """
+    cfg.check()
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.init)
+    init_config = dict(model.config)
+    arch = init_config["arch"]
+    name = model_name(arch, cfg.beta)
+    train_set = open_dataset(cfg.data, "train", cfg.data_root, limit=cfg.limit)
+    test_set = open_dataset(cfg.data, "test", cfg.data_root, limit=cfg.eval_limit)
+    if model.num_classes != len(train_set.classes):
+        raise UserError(f"{cfg.init} has {model.num_classes} classes, {cfg.data} has another count")
+    opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    params = [p for p in model.net.parameters() if p.requires_grad]
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    history, start_epoch, elapsed = [], 0, 0.0
+    if resume:
+        start_epoch, history, elapsed = train_mod._restore(out, cfg, model, opt)
+    tap = FeatureTap(model, cfg.phi)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            model.train()
+            seen = correct = 0
+            loss_sum = 0.0
+            bar = tqdm(
+                batches(train_set, cfg.batch_size, shuffle=True, generator=gen),
+                total=steps_per_epoch,
+                desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for i, (x, y, _) in enumerate(bar):
+                for group in opt.param_groups:
+                    group["lr"] = one_cycle(epoch * steps_per_epoch + i, total, cfg.lr)
+                x = augment(x, cfg.shift, cfg.flip, gen).contiguous(
+                    memory_format=torch.channels_last
+                )
+                eps = draw_eps(len(y), cfg.eps_min, cfg.eps_max, gen)
+                loss, logits, _ = adv_step(model, tap, x, y, eps, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward(inputs=params)
+                opt.step()
+                seen += len(y)
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                if i % 20 == 0:
+                    bar.set_postfix(
+                        loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%"
+                    )
+            elapsed += time.perf_counter() - t0
+            row = table2(model, test_set, eps=(4 / 255,))
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": loss_sum / seen,
+                    "train_top1": 100 * correct / seen,
+                    "test_top1": row["clean_top1"],
+                    "test_fgsm4_top1": row["fgsm_top1"],
+                    "seconds": elapsed,
+                }
+            )
+            if progress:
+                tqdm.write(
+                    f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.3f}, "
+                    f"test top-1 {row['clean_top1']:.2f}%, FGSM ε=4 top-1 "
+                    f"{row['fgsm_top1']:.2f}%, {elapsed:.0f}s"
+                )
+            _save(out, cfg, model, opt, history, elapsed, arch, name, init_config)
+    finally:
+        tap.close()
+    return read_json(out / "model.json")
+
+
+def _save(out, cfg, model, opt, history, elapsed, arch, name, init_config) -> None:
+    train_mod._save(
+        out,
+        cfg,
+        model,
+        opt,
+        history,
+        elapsed,
+        arch=arch,
+        name=name,
+        kind="advtrain",
+        init_train=init_config.get("train"),
+    )
