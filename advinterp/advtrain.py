@@ -193,6 +193,7 @@ def advtrain(cfg: AdvTrainConfig, out: str | Path, resume: bool = False, progres
     init_config = dict(model.config)
     arch = init_config["arch"]
     name = model_name(arch, cfg.beta)
+    tap = FeatureTap(model, cfg.phi)  # an unknown --phi fails before any data is read
     train_set = open_dataset(cfg.data, "train", cfg.data_root, limit=cfg.limit)
     test_set = open_dataset(cfg.data, "test", cfg.data_root, limit=cfg.eval_limit)
     if model.num_classes != len(train_set.classes):
@@ -204,7 +205,6 @@ def advtrain(cfg: AdvTrainConfig, out: str | Path, resume: bool = False, progres
     history, start_epoch, elapsed = [], 0, 0.0
     if resume:
         start_epoch, history, elapsed = train_mod._restore(out, cfg, model, opt)
-    tap = FeatureTap(model, cfg.phi)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()

@@ -76,6 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue a killed run from its last epoch"
     )
 
+    p = sub.add_parser(
+        "advtrain",
+        help="adversarial fine-tuning with the feature-consistency loss (eq. 5–9); "
+        "--beta 0 is plain adversarial training",
+    )
+    p.add_argument("--init", required=True, help="normally trained checkpoint to start from")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors, model.json)")
+    p.add_argument("--epochs", type=_positive_int, default=2)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=float, default=0.01, help="peak one-cycle learning rate")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-5)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the clean loss (eq. 5)")
+    p.add_argument(
+        "--beta", type=float, default=1.0, help="weight of the consistency term; 0: plain AT"
+    )
+    p.add_argument("--eps-min", type=float, default=4.0, help="FGSM ε range, 0–255 units")
+    p.add_argument("--eps-max", type=float, default=16.0)
+    p.add_argument(
+        "--phi", default="penultimate", help="features to pair: penultimate, logits or a layer"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root")
+    p.add_argument("--limit", type=int, help="train on the first N training images only")
+    p.add_argument(
+        "--eval-limit", type=int, default=1000, help="test images for per-epoch accuracy"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue a killed run from its last epoch"
+    )
+
     p = sub.add_parser("evaluate", help="Table 2: clean and FGSM top-1/top-5 accuracy")
     _model_args(p)
     _data_args(p)
@@ -168,6 +199,43 @@ def cmd_train(args) -> int:
     print(
         f"test top-1 {result['test_top1']:.2f}% after {cfg.epochs} epochs "
         f"({result['train_seconds']:.0f}s of training); model written to {out / 'model.safetensors'}"
+    )
+    return 0
+
+
+def cmd_advtrain(args) -> int:
+    from advinterp.advtrain import AdvTrainConfig, advtrain
+
+    if args.limit is not None and args.limit < 1 or args.eval_limit < 1:
+        raise UserError("--limit and --eval-limit must be at least 1")
+    cfg = AdvTrainConfig(
+        init=args.init,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        alpha=args.alpha,
+        beta=args.beta,
+        eps_min=args.eps_min / 255,
+        eps_max=args.eps_max / 255,
+        phi=args.phi,
+        seed=args.seed,
+        data_root=args.data_root,
+        limit=args.limit,
+        eval_limit=args.eval_limit,
+    )
+    out = Path(args.out)
+    if not args.resume and (out / "model.json").exists():
+        raise UserError(
+            f"{out} already holds a model: pass --resume to continue it or choose another --out"
+        )
+    result = advtrain(cfg, out, resume=args.resume)
+    last = result["history"][-1]
+    print(
+        f"{result['name']}: test top-1 {last['test_top1']:.2f}%, FGSM ε=4 top-1 "
+        f"{last['test_fgsm4_top1']:.2f}% after {cfg.epochs} epochs; "
+        f"model written to {out / 'model.safetensors'}"
     )
     return 0
 
@@ -494,6 +562,7 @@ def cmd_semantics(args) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "advtrain": cmd_advtrain,
     "evaluate": cmd_evaluate,
     "attack": cmd_attack,
     "layers": cmd_layers,
