@@ -1,0 +1,255 @@
+"""Streaming IoU counts between unit masks and concept masks (Network Dissection).
+
+For a unit ``u`` with threshold ``T_u`` and a concept ``c`` of category ``k``
+(Bau et al. 2017, §2.2):
+
+    IoU(u, c) = Σ |M_u ∩ L_c| / Σ |M_u ∪ L_c|,   M_u = upsample(map_u) > T_u,
+
+both sums over the images where category ``k`` is annotated. Only three
+counts are needed, and they add up batch by batch: the intersections
+``units × labels``, each label's area, and each unit's mask area over the
+images where each category is annotated (``units × categories``); the union is
+``area(M_u) + area(L_c) − |M_u ∩ L_c|``. No mask is ever stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from advinterp.errors import UserError
+
+__all__ = ["IoUCounts", "unit_masks"]
+
+# Elements of the upsampled N×H×W×U mask held at once; larger batches are cut into
+# chunks of images so memory stays bounded whatever the batch size.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def unit_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``N×U×h×w`` maps → ``N×H×W×U`` boolean masks: bilinear upsampling to ``size``, then ``> T``.
+
+    Channels last (contiguous), so each pixel's units are one row."""
+    maps = maps.float().contiguous(memory_format=torch.channels_last)
+    up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    up = up.permute(0, 2, 3, 1)
+    return up > thresholds.to(up.device, up.dtype)
+
+
+class IoUCounts:
+    """Intersection and union counts of ``num_units`` unit masks with ``num_labels`` concepts.
+
+    ``label_category`` gives each label's category (an index; ``-1`` for none);
+    by default every label is in category 0; ``num_categories`` defaults to the
+    largest index + 1. Label 0 means "no concept" and never
+    scores. ``add`` takes one batch of unit maps and, per category, its label
+    masks; ``result()`` is the ``U×L`` IoU. Counts are float64 on the device of
+    the first batch (exact below 2**53 pixels).
+
+    Example::
+
+        counts = IoUCounts(512, len(labels), label_category)
+        for x, masks in probe:                 # masks: {category: N×S×H×W labels}
+            counts.add(recorder(x)[layer], thresholds, masks)
+        iou = counts.result()                  # 512 × L
+    """
+
+    def __init__(
+        self,
+        num_units: int,
+        num_labels: int,
+        label_category: Sequence[int] | torch.Tensor | None = None,
+        num_categories: int | None = None,
+    ):
+        if num_units < 1 or num_labels < 1:
+            raise UserError(
+                f"IoU counts need at least one unit and one label "
+                f"(got units={num_units}, labels={num_labels})"
+            )
+        self.num_units = int(num_units)
+        self.num_labels = int(num_labels)
+        if label_category is None:
+            label_category = torch.zeros(self.num_labels, dtype=torch.int64)
+        self.label_category = torch.as_tensor(label_category, dtype=torch.int64).clone()
+        if self.label_category.shape != (self.num_labels,):
+            raise UserError(
+                f"label_category has {self.label_category.numel()} entries for {num_labels} labels"
+            )
+        self.label_category[0] = -1
+        self.num_categories = max(
+            int(self.label_category.max().clamp(min=0)) + 1, int(num_categories or 0)
+        )
+        self.intersection = torch.zeros(self.num_units, self.num_labels, dtype=torch.float64)
+        self.label_area = torch.zeros(self.num_labels, dtype=torch.float64)
+        self.unit_area = torch.zeros(self.num_units, self.num_categories, dtype=torch.float64)
+        self.count = 0
+        self._placed = False
+
+    def add(
+        self,
+        maps: torch.Tensor,
+        thresholds: torch.Tensor,
+        labels: Mapping[int, torch.Tensor] | torch.Tensor,
+        annotated: Mapping[int, torch.Tensor] | torch.Tensor | None = None,
+    ) -> None:
+        """Fold in a batch.
+
+        Args:
+            maps: ``N×U×h×w`` unit maps (any resolution).
+            thresholds: ``U`` per-unit thresholds.
+            labels: per category index, its labels: ``N×S×H×W`` (or ``N×H×W``)
+                integer masks, ``S`` overlapping layers, 0 = none; or ``N×S``
+                image-level labels (the concept covers the whole image). All
+                pixel masks of a batch share one size ``H×W``. A bare tensor is
+                category 0.
+            annotated: per category, an ``N`` boolean of the images where it is
+                annotated; by default, the images with any nonzero label in it.
+        """
+        if maps.dim() != 4 or maps.shape[1] != self.num_units:
+            raise ValueError(f"expected N×{self.num_units}×h×w maps, got {tuple(maps.shape)}")
+        if torch.is_tensor(labels):
+            labels = {0: labels}
+            annotated = None if annotated is None else {0: annotated}
+        annotated = dict(annotated or {})
+        if not self._placed:
+            self.to(maps.device)
+        n = maps.shape[0]
+        pixel = {}
+        image = {}
+        for category, lab in labels.items():
+            if not 0 <= category < self.num_categories:
+                raise ValueError(f"category {category} is not in 0..{self.num_categories - 1}")
+            lab = torch.as_tensor(lab, device=self.intersection.device).long()
+            if lab.shape[0] != n:
+                raise ValueError(f"category {category}: {lab.shape[0]} label masks for {n} images")
+            if lab.dim() == 3:
+                lab = lab.unsqueeze(1)
+            if lab.dim() not in (2, 4):
+                raise ValueError(f"category {category}: labels must be N×S×H×W or N×S")
+            if (lab < 0).any() or (lab >= self.num_labels).any():
+                raise ValueError(
+                    f"category {category}: label numbers outside 0..{self.num_labels - 1}"
+                )
+            ann = annotated.get(category)
+            ann = lab.flatten(1).ne(0).any(1) if ann is None else torch.as_tensor(ann).bool()
+            (pixel if lab.dim() == 4 else image)[category] = (lab, ann.to(lab.device))
+        sizes = {tuple(lab.shape[-2:]) for lab, _ in pixel.values()}
+        if len(sizes) > 1:
+            raise ValueError(f"pixel masks of one batch must share a size, got {sorted(sizes)}")
+        size = sizes.pop() if sizes else tuple(maps.shape[-2:])
+        per_image = max(1, _CHUNK_ELEMENTS // max(1, self.num_units * size[0] * size[1]))
+        for start in range(0, n, per_image):
+            rows = slice(start, start + per_image)
+            self._add_chunk(
+                maps[rows],
+                thresholds,
+                size,
+                {k: (lab[rows], ann[rows]) for k, (lab, ann) in pixel.items()},
+                {k: (lab[rows], ann[rows]) for k, (lab, ann) in image.items()},
+            )
+        self.count += n
+
+    def _add_chunk(self, maps, thresholds, size, pixel, image) -> None:
+        masks = unit_masks(maps.to(self.intersection.device), thresholds, size)  # N×H×W×U
+        # Float32 counts are exact within a chunk (< 2**24 pixels).
+        flat = masks.reshape(-1, self.num_units).to(torch.float32)
+        n = masks.shape[0]
+        ones = flat.new_ones(n, 1, size[0] * size[1])
+        area = torch.bmm(ones, flat.view(n, -1, self.num_units))[:, 0].double()  # N×U
+        pixels = size[0] * size[1]
+        for category, (lab, ann) in {**pixel, **image}.items():
+            self.unit_area[:, category] += area[ann].sum(0)
+            lab = lab * ann.view(-1, *([1] * (lab.dim() - 1)))  # labels of unannotated images
+            lab = _first_occurrence(lab)
+            if lab.dim() == 4:
+                for layer in lab.unbind(1):  # S overlapping masks: a handful
+                    ids = layer.reshape(-1)
+                    # Σ_pixels [label = c]·M_u(pixel): one contiguous row add per pixel
+                    # (label 0's row collects the unlabelled pixels and is dropped).
+                    hits = torch.zeros(self.num_labels, self.num_units, device=flat.device)
+                    hits.index_add_(0, ids, flat)
+                    hits[0] = 0
+                    self.intersection += hits.t()
+                    area_of = torch.bincount(ids, minlength=self.num_labels).double()
+                    area_of[0] = 0
+                    self.label_area += area_of
+            else:
+                which, slot = lab.nonzero(as_tuple=True)
+                ids = lab[which, slot]
+                self.intersection.index_add_(1, ids, area[which].t())
+                self.label_area.index_add_(
+                    0, ids, torch.full_like(ids, pixels, dtype=torch.float64)
+                )
+
+    def result(self) -> torch.Tensor:
+        """``U×L`` IoU; 0 where the union is empty and for label 0."""
+        category = self.label_category.clamp(min=0).to(self.unit_area.device)
+        union = self.unit_area[:, category] + self.label_area - self.intersection
+        iou = torch.where(union > 0, self.intersection / union.clamp(min=1), 0.0)
+        iou[:, self.label_category < 0] = 0
+        return iou
+
+    def merge(self, other: IoUCounts) -> None:
+        """Fold in counts over other images (a shard): the same as one pass over both."""
+        if (other.num_units, other.num_labels) != (self.num_units, self.num_labels) or not (
+            torch.equal(other.label_category, self.label_category)
+        ):
+            raise ValueError("cannot merge IoU counts of another layer or label set")
+        device = self.intersection.device
+        self.intersection += other.intersection.to(device)
+        self.label_area += other.label_area.to(device)
+        self.unit_area += other.unit_area.to(device)
+        self.count += other.count
+
+    def to(self, device) -> IoUCounts:
+        self.intersection = self.intersection.to(device)
+        self.label_area = self.label_area.to(device)
+        self.unit_area = self.unit_area.to(device)
+        self._placed = True
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only, so ``advinterp.io.save_tensors`` can write it."""
+        return {
+            "intersection": self.intersection,
+            "label_area": self.label_area,
+            "unit_area": self.unit_area,
+            "label_category": self.label_category,
+            "count": torch.tensor(self.count, dtype=torch.int64),
+        }
+
+    def set_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            inter, label_area, unit_area = (
+                state["intersection"],
+                state["label_area"],
+                state["unit_area"],
+            )
+        except KeyError as e:
+            raise UserError(f"IoU state lacks {e}; the checkpoint is not an IoU tally") from None
+        if tuple(inter.shape) != (self.num_units, self.num_labels) or tuple(unit_area.shape) != (
+            self.num_units,
+            self.num_categories,
+        ):
+            raise UserError(
+                f"IoU state holds {tuple(inter.shape)} counts, expected "
+                f"{(self.num_units, self.num_labels)}: it was saved for another layer or probe"
+            )
+        self.intersection = inter.double().clone()
+        self.label_area = label_area.double().clone()
+        self.unit_area = unit_area.double().clone()
+        self.count = int(state.get("count", 0))
+        self._placed = False
+
+
+def _first_occurrence(lab: torch.Tensor) -> torch.Tensor:
+    """Zero a label repeated in a later layer at the same pixel (or image), so it counts once."""
+    if lab.shape[1] < 2:
+        return lab
+    lab = lab.clone()
+    for s in range(1, lab.shape[1]):
+        repeated = (lab[:, s : s + 1] == lab[:, :s]).any(1)
+        lab[:, s][repeated] = 0
+    return lab

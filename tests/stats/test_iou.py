@@ -1,0 +1,109 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advinterp.errors import UserError
+from advinterp.io import read_state_dict, save_tensors
+from advinterp.stats import IoUCounts
+from advinterp.stats.iou import unit_masks
+
+# Labels 1–3 are category 0 (pixel masks, two layers), 4–5 category 1 (image-level).
+LABEL_CATEGORY = [-1, 0, 0, 0, 1, 1]
+
+
+def _case(seed=0, n=5, units=3):
+    gen = torch.Generator().manual_seed(seed)
+    maps = torch.randn(n, units, 3, 3, generator=gen)
+    thresholds = torch.tensor([0.0, 0.5, -0.2])[:units]
+    pixels = torch.randint(0, 4, (n, 2, 6, 6), generator=gen)
+    pixels[1] = 0  # image 1 has no pixel annotation
+    images = torch.randint(0, 3, (n, 2), generator=gen)
+    images[images > 0] += 3  # labels 4, 5 or none
+    images[0] = 0
+    return maps, thresholds, {0: pixels, 1: images}
+
+
+def _brute_force(maps, thresholds, labels):
+    """Bau et al.'s definition, one image, unit and label at a time."""
+    inter = torch.zeros(maps.shape[1], len(LABEL_CATEGORY), dtype=torch.float64)
+    union = torch.zeros_like(inter)
+    for c in range(1, len(LABEL_CATEGORY)):
+        category = LABEL_CATEGORY[c]
+        lab = labels[category]
+        for i in range(maps.shape[0]):
+            if not lab[i].ne(0).any():
+                continue  # the category is not annotated in this image
+            if category == 0:
+                concept = (lab[i] == c).any(0)
+            else:
+                concept = torch.full((6, 6), bool((lab[i] == c).any()))
+            for u in range(maps.shape[1]):
+                up = F.interpolate(maps[i : i + 1, u : u + 1], size=(6, 6), mode="bilinear")
+                mask = up[0, 0] > thresholds[u]
+                inter[u, c] += (mask & concept).sum()
+                union[u, c] += (mask | concept).sum()
+    return torch.where(union > 0, inter / union.clamp(min=1), 0.0)
+
+
+def test_iou_matches_brute_force_per_image_and_unit():
+    maps, thresholds, labels = _case()
+    counts = IoUCounts(3, len(LABEL_CATEGORY), LABEL_CATEGORY)
+    counts.add(maps, thresholds, labels)
+    torch.testing.assert_close(counts.result(), _brute_force(maps, thresholds, labels))
+    assert counts.count == 5
+
+
+def test_batches_and_merged_shards_equal_one_pass(tmp_path):
+    maps, thresholds, labels = _case(seed=1, n=8)
+    whole = IoUCounts(3, 6, LABEL_CATEGORY)
+    whole.add(maps, thresholds, labels)
+    first, second = IoUCounts(3, 6, LABEL_CATEGORY), IoUCounts(3, 6, LABEL_CATEGORY)
+    first.add(maps[:3], thresholds, {k: v[:3] for k, v in labels.items()})
+    second.add(maps[3:], thresholds, {k: v[3:] for k, v in labels.items()})
+    save_tensors(tmp_path / "iou.safetensors", second.state_dict())
+    resumed = IoUCounts(3, 6, LABEL_CATEGORY)
+    resumed.set_state_dict(read_state_dict(tmp_path / "iou.safetensors"))
+    first.merge(resumed)
+    torch.testing.assert_close(first.result(), whole.result())
+
+
+def test_unit_copying_a_concept_mask_scores_one():
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 4, (6, 8, 8), generator=gen)  # labels 1..3, one layer
+    # Unit 0 fires exactly on label 2, at mask resolution; unit 1 is noise.
+    maps = torch.stack([(labels == 2).float(), torch.rand(6, 8, 8, generator=gen)], dim=1)
+    counts = IoUCounts(2, 4)
+    counts.add(maps, torch.tensor([0.5, 0.9]), labels)
+    iou = counts.result()
+    assert iou[0, 2] == pytest.approx(1.0)
+    assert iou[0, 1] < 0.1 and iou[0, 3] < 0.1
+    assert iou[1].max() < 0.2
+
+
+def test_unit_masks_upsample_bilinearly_then_threshold():
+    maps = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    masks = unit_masks(maps, torch.tensor([0.5]), (4, 4))
+    assert masks.shape == (1, 4, 4, 1)
+    assert masks[0, :, :, 0].tolist() == [[False, False, True, True]] * 4
+
+
+def test_large_batches_are_chunked_to_the_same_counts(monkeypatch):
+    import advinterp.stats.iou as iou_module
+
+    maps, thresholds, labels = _case(seed=3, n=7)
+    whole = IoUCounts(3, 6, LABEL_CATEGORY)
+    whole.add(maps, thresholds, labels)
+    monkeypatch.setattr(iou_module, "_CHUNK_ELEMENTS", 3 * 36 * 2)  # two images per chunk
+    chunked = IoUCounts(3, 6, LABEL_CATEGORY)
+    chunked.add(maps, thresholds, labels)
+    torch.testing.assert_close(chunked.result(), whole.result())
+
+
+def test_bad_input():
+    counts = IoUCounts(2, 4)
+    with pytest.raises(ValueError, match="label numbers"):
+        counts.add(torch.zeros(1, 2, 2, 2), torch.zeros(2), torch.full((1, 4, 4), 9))
+    with pytest.raises(ValueError, match="N×2×h×w"):
+        counts.add(torch.zeros(1, 3, 2, 2), torch.zeros(3), torch.zeros(1, 4, 4, dtype=torch.long))
+    with pytest.raises(UserError, match="another layer"):
+        counts.set_state_dict(IoUCounts(3, 4).state_dict())
