@@ -32,7 +32,6 @@ forward of ``cat([x, x_fgsm])``, costs ≈ 3 passes each way instead of 2).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +41,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advinterp import train as train_mod
-from advinterp.data import batches, open_dataset
+from advinterp.data import open_dataset
 from advinterp.errors import UserError
 from advinterp.io import read_json
 from advinterp.metrics.accuracy import table2
 from advinterp.models import load_model
 from advinterp.record.hooks import resolve_layers
-from advinterp.train import augment, one_cycle, sgd
+from advinterp.train import sgd
 
 
 @dataclass
@@ -199,51 +198,34 @@ def advtrain(cfg: AdvTrainConfig, out: str | Path, resume: bool = False, progres
     if model.num_classes != len(train_set.classes):
         raise UserError(f"{cfg.init} has {model.num_classes} classes, {cfg.data} has another count")
     opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    params = [p for p in model.net.parameters() if p.requires_grad]
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
     history, start_epoch, elapsed = [], 0, 0.0
     if resume:
         start_epoch, history, elapsed = train_mod._restore(out, cfg, model, opt)
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            model.train()
-            seen = correct = 0
-            loss_sum = 0.0
-            bar = tqdm(
-                batches(train_set, cfg.batch_size, shuffle=True, generator=gen),
-                total=steps_per_epoch,
-                desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
-                disable=not progress,
-                leave=False,
-            )
-            for i, (x, y, _) in enumerate(bar):
-                for group in opt.param_groups:
-                    group["lr"] = one_cycle(epoch * steps_per_epoch + i, total, cfg.lr)
-                x = augment(x, cfg.shift, cfg.flip, gen).contiguous(
-                    memory_format=torch.channels_last
-                )
+
+            def step(x, y, gen):
                 eps = draw_eps(len(y), cfg.eps_min, cfg.eps_max, gen)
                 loss, logits, _ = adv_step(model, tap, x, y, eps, cfg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward(inputs=params)
-                opt.step()
-                seen += len(y)
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
-                if i % 20 == 0:
-                    bar.set_postfix(
-                        loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%"
-                    )
-            elapsed += time.perf_counter() - t0
+                return loss, logits
+
+            loss, top1, seconds = train_mod.run_epoch(
+                model,
+                opt,
+                train_set,
+                cfg,
+                epoch,
+                step,
+                desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
+                progress=progress,
+            )
+            elapsed += seconds
             row = table2(model, test_set, eps=(4 / 255,))
             history.append(
                 {
                     "epoch": epoch + 1,
-                    "train_loss": loss_sum / seen,
-                    "train_top1": 100 * correct / seen,
+                    "train_loss": loss,
+                    "train_top1": top1,
                     "test_top1": row["clean_top1"],
                     "test_fgsm4_top1": row["fgsm_top1"],
                     "seconds": elapsed,
@@ -251,7 +233,7 @@ def advtrain(cfg: AdvTrainConfig, out: str | Path, resume: bool = False, progres
             )
             if progress:
                 tqdm.write(
-                    f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.3f}, "
+                    f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}, "
                     f"test top-1 {row['clean_top1']:.2f}%, FGSM ε=4 top-1 "
                     f"{row['fgsm_top1']:.2f}%, {elapsed:.0f}s"
                 )

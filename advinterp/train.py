@@ -99,6 +99,44 @@ def sgd(model, lr: float, momentum: float, weight_decay: float) -> torch.optim.S
     )
 
 
+def run_epoch(model, opt, train_set, cfg, epoch: int, step, desc: str, progress: bool = True):
+    """One epoch of ``cfg.epochs``: seeded shuffle, augmentation, one-cycle learning rate.
+
+    ``step(x, y, gen) -> (loss, logits)`` computes the loss of a batch; this loop
+    does the backward pass (into the parameters only) and the update. Returns the
+    mean loss, the train top-1 in % and the seconds spent.
+    """
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    params = [p for p in model.net.parameters() if p.requires_grad]
+    model.train()
+    seen = correct = 0
+    loss_sum = 0.0
+    bar = tqdm(
+        batches(train_set, cfg.batch_size, shuffle=True, generator=gen),
+        total=steps_per_epoch,
+        desc=desc,
+        disable=not progress,
+        leave=False,
+    )
+    for i, (x, y, _) in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = one_cycle(epoch * steps_per_epoch + i, total, cfg.lr)
+        x = augment(x, cfg.shift, cfg.flip, gen).contiguous(memory_format=torch.channels_last)
+        loss, logits = step(x, y, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        opt.step()
+        seen += len(y)
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        if i % 20 == 0:
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%")
+    return loss_sum / seen, 100 * correct / seen, time.perf_counter() - t0
+
+
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg.arch`` on ``cfg.data``; write ``out/model.safetensors`` + ``.json`` each epoch.
 
@@ -113,46 +151,33 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         cfg.arch, num_classes=len(train_set.classes), in_chans=train_set.images.shape[1]
     )
     opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
     history, start_epoch, elapsed = [], 0, 0.0
     if resume:
         start_epoch, history, elapsed = _restore(out, cfg, model, opt)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    def step(x, y, gen):
+        logits = model(x)
+        return loss_fn(logits, y), logits
+
     for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        model.train()
-        seen = correct = 0
-        loss_sum = 0.0
-        bar = tqdm(
-            batches(train_set, cfg.batch_size, shuffle=True, generator=gen),
-            total=steps_per_epoch,
+        loss, top1, seconds = run_epoch(
+            model,
+            opt,
+            train_set,
+            cfg,
+            epoch,
+            step,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
-            leave=False,
+            progress=progress,
         )
-        for i, (x, y, _) in enumerate(bar):
-            for group in opt.param_groups:
-                group["lr"] = one_cycle(epoch * steps_per_epoch + i, total, cfg.lr)
-            x = augment(x, cfg.shift, cfg.flip, gen).contiguous(memory_format=torch.channels_last)
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%")
-        elapsed += time.perf_counter() - t0
+        elapsed += seconds
         test = accuracy(model, test_set)
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum / seen,
-                "train_top1": 100 * correct / seen,
+                "train_loss": loss,
+                "train_top1": top1,
                 "test_top1": test["top1"],
                 "test_top5": test["top5"],
                 "seconds": elapsed,
@@ -160,7 +185,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         )
         if progress:
             tqdm.write(
-                f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.3f}, "
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}, "
                 f"test top-1 {test['top1']:.2f}%, {elapsed:.0f}s"
             )
         _save(out, cfg, model, opt, history, elapsed)
