@@ -35,7 +35,8 @@ def test_attack_verb_writes_exact_images_labels_and_stats(small_run, tmp_path, c
     model = load_model(model_path)
     data = open_dataset("fashion-mnist", "test", limit=100)
     x, y = data.images.float() / 255, data.labels
-    expected = make_attack("fgsm", model, eps=8 / 255).run(x, y, progress=False)
+    # The same batch size as the CLI call: other batch shapes may round differently.
+    expected = make_attack("fgsm", model, eps=8 / 255).run(x, y, batch_size=32, progress=False)
     assert torch.equal(tensors["images"], expected)  # exact floats, as the attack made them
     assert torch.equal(tensors["labels"], y) and torch.equal(tensors["indices"], torch.arange(100))
     assert (tensors["targets"] == -1).all()
