@@ -47,7 +47,7 @@ from advinterp.io import read_json
 from advinterp.metrics.accuracy import table2
 from advinterp.models import load_model
 from advinterp.record.hooks import resolve_layers
-from advinterp.train import sgd
+from advinterp.train import check_schedule, sgd
 
 
 @dataclass
@@ -74,10 +74,7 @@ class AdvTrainConfig:
     def check(self) -> None:
         if not self.init:
             raise UserError("give the normally trained checkpoint to start from (--init)")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError("--epochs and --batch-size must be at least 1")
-        if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
-            raise UserError("need --lr > 0, 0 ≤ --momentum < 1 and --weight-decay ≥ 0")
+        check_schedule(self)
         if not (0 <= self.alpha <= 1 and self.beta >= 0 and math.isfinite(self.beta)):
             raise UserError(f"need 0 ≤ --alpha ≤ 1 and --beta ≥ 0, got {self.alpha}, {self.beta}")
         if not (0 < self.eps_min <= self.eps_max <= 1):

@@ -172,6 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _new_model_folder(out: str, resume: bool) -> Path:
+    """``--out`` for a training verb: a folder holding a model needs ``--resume``."""
+    out = Path(out)
+    if not resume and (out / "model.json").exists():
+        raise UserError(
+            f"{out} already holds a model: pass --resume to continue it or choose another --out"
+        )
+    return out
+
+
 def cmd_train(args) -> int:
     from advinterp.train import TrainConfig, train
 
@@ -190,11 +200,7 @@ def cmd_train(args) -> int:
         data_root=args.data_root,
         limit=args.limit,
     )
-    out = Path(args.out)
-    if not args.resume and (out / "model.json").exists():
-        raise UserError(
-            f"{out} already holds a model: pass --resume to continue it or choose another --out"
-        )
+    out = _new_model_folder(args.out, args.resume)
     result = train(cfg, out, resume=args.resume)
     print(
         f"test top-1 {result['test_top1']:.2f}% after {cfg.epochs} epochs "
@@ -225,11 +231,7 @@ def cmd_advtrain(args) -> int:
         limit=args.limit,
         eval_limit=args.eval_limit,
     )
-    out = Path(args.out)
-    if not args.resume and (out / "model.json").exists():
-        raise UserError(
-            f"{out} already holds a model: pass --resume to continue it or choose another --out"
-        )
+    out = _new_model_folder(args.out, args.resume)
     result = advtrain(cfg, out, resume=args.resume)
     last = result["history"][-1]
     print(

@@ -24,6 +24,14 @@ from advinterp.metrics.accuracy import accuracy
 from advinterp.models import create_model, load_state, model_config, save_checkpoint
 
 
+def check_schedule(cfg) -> None:
+    """The settings every training loop shares: epochs, batch size and SGD's."""
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be at least 1")
+    if not (cfg.lr > 0 and 0 <= cfg.momentum < 1 and cfg.weight_decay >= 0):
+        raise UserError("need --lr > 0, 0 ≤ --momentum < 1 and --weight-decay ≥ 0")
+
+
 @dataclass
 class TrainConfig:
     arch: str = "resnet"
@@ -42,10 +50,7 @@ class TrainConfig:
     eval_limit: int | None = None
 
     def check(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError("--epochs and --batch-size must be at least 1")
-        if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
-            raise UserError("need --lr > 0, 0 ≤ --momentum < 1 and --weight-decay ≥ 0")
+        check_schedule(self)
         if not (0 <= self.label_smoothing < 1 and 0 <= self.shift <= 8):
             raise UserError("need 0 ≤ --label-smoothing < 1 and 0 ≤ --shift ≤ 8")
         if self.data != "fashion-mnist":
