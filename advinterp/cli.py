@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--conv", action="store_true", help="only convolution layers")
     _analysis_parsers(sub)
+
+    p = sub.add_parser(
+        "report", help="static HTML report of a run directory (opens from disk, no server)"
+    )
+    p.add_argument("run", help="run directory written by `advinterp reproduce --out RUN`")
+    p.add_argument("--out", help="output folder (default RUN/report)")
     return parser
 
 
@@ -562,6 +568,14 @@ def cmd_semantics(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from advinterp.report import write_report
+
+    index = write_report(args.run, args.out)
+    print(f"report written to {index} (open it in a browser, no server needed)")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "advtrain": cmd_advtrain,
@@ -570,4 +584,5 @@ COMMANDS = {
     "layers": cmd_layers,
     "topk": cmd_topk,
     "semantics": cmd_semantics,
+    "report": cmd_report,
 }
