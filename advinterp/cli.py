@@ -415,6 +415,54 @@ def _analysis_parsers(sub) -> None:
     _semantic_args(p)
     p.add_argument("--out", required=True, help="output folder (units.csv, fig10.png, JSON)")
 
+    p = sub.add_parser(
+        "dissect",
+        help="Network Dissection on a Broden-format probe, real vs adversarial (Table 1)",
+    )
+    _model_args(p)
+    p.add_argument(
+        "--probe",
+        default="fashion-broden",
+        help="fashion-broden (default: the embedded probe, written to the cache on first use) "
+        "or a Broden folder (broden1_224, ... holding index.csv)",
+    )
+    p.add_argument(
+        "--probe-size", type=_positive_int, default=3000, help="images of fashion-broden (3000)"
+    )
+    p.add_argument("--probe-seed", type=int, default=0, help="seed of fashion-broden (0)")
+    p.add_argument("--categories", nargs="+", help="probe categories to score (default: all)")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N probe images")
+    p.add_argument(
+        "--layer",
+        nargs="+",
+        help="layers to dissect (default: the last two stages, e.g. layer2 layer3)",
+    )
+    p.add_argument(
+        "--adversarial",
+        action="store_true",
+        help="also attack every probe image (opt, least-likely target) and dissect those",
+    )
+    p.add_argument(
+        "--iou-threshold",
+        type=float,
+        default=0.04,
+        help="a unit is interpretable when its best IoU exceeds this (0.04, NetDissect's; "
+        "the paper's text says 0.4)",
+    )
+    p.add_argument(
+        "--quantile", type=float, default=0.995, help="per-unit threshold quantile (0.995)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=100, help="images per forward pass (100)"
+    )
+    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attack (0)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (tally CSVs, table1.json/png; the adversarial set in OUT/adversarial-set)",
+    )
+
 
 def _semantic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float, default=1.0, help="σ of eq. 10 (default 1)")
@@ -568,6 +616,63 @@ def cmd_semantics(args) -> int:
     return 0
 
 
+def open_probe(spec: str, model, size: int = 3000, seed: int = 0, **kwargs):
+    """``fashion-broden`` (the embedded probe, in the cache) or a Broden folder, read at
+    the model's input size and channels."""
+    from advinterp.data.broden import BrodenProbe
+    from advinterp.data.fashion_broden import fashion_broden
+
+    root = fashion_broden(n=size, seed=seed) if spec == "fashion-broden" else spec
+    return BrodenProbe(root, input_size=model.input_size, in_chans=model.in_chans, **kwargs)
+
+
+def cmd_dissect(args) -> int:
+    from advinterp.analysis.dissection import dissect_model, format_table1, write_dissection
+    from advinterp.models import load_model
+
+    if not 0 <= args.iou_threshold <= 1:
+        raise UserError(f"--iou-threshold must be in [0, 1], got {args.iou_threshold}")
+    if not 0 < args.quantile < 1:
+        raise UserError(f"--quantile must be in (0, 1), got {args.quantile}")
+    model = load_model(args.model, args.weights)
+    probe = open_probe(
+        args.probe,
+        model,
+        size=args.probe_size,
+        seed=args.probe_seed,
+        categories=args.categories,
+        limit=args.limit,
+    )
+    out = Path(args.out)
+    name = (getattr(model, "config", None) or {}).get("name") or Path(args.model).parent.name
+    print(
+        f"dissecting {name} on {len(probe)} probe images ({probe.root}); "
+        f"categories {', '.join(probe.category_names)}"
+    )
+    result = dissect_model(
+        model,
+        probe,
+        layers=args.layer,
+        adversarial=out / "adversarial-set" if args.adversarial else None,
+        quantile=args.quantile,
+        iou_threshold=args.iou_threshold,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    table = write_dissection(result, out, name=name)
+    if result.attack:
+        a = result.attack
+        print(
+            f"opt attack on the probe: success {100 * a['success_rate']:.1f}%, "
+            f"mean L2 {a['mean_l2']:.3f}"
+        )
+    print(f"layers {', '.join(result.layers)} ({sum(table['units'].values())} units)")
+    print(format_table1({name: table}))
+    print(f"written to {out / 'table1.json'}, {out / 'table1.png'} and {out}/*/tally_*.csv")
+    return 0
+
+
 def cmd_report(args) -> int:
     from advinterp.report import write_report
 
@@ -584,5 +689,6 @@ COMMANDS = {
     "layers": cmd_layers,
     "topk": cmd_topk,
     "semantics": cmd_semantics,
+    "dissect": cmd_dissect,
     "report": cmd_report,
 }

@@ -17,6 +17,15 @@ from torch import nn
 from advinterp.errors import UserError
 
 
+def cache_dir() -> Path:
+    """Where advinterp keeps derived files: ``$ADVINTERP_CACHE``, else
+    ``$XDG_CACHE_HOME/advinterp``, else ``~/.cache/advinterp``."""
+    if os.environ.get("ADVINTERP_CACHE"):
+        return Path(os.environ["ADVINTERP_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "advinterp"
+
+
 def atomic_replace(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
     path = Path(path)

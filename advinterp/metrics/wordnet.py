@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from advinterp.errors import UserError
-from advinterp.io import atomic_replace
+from advinterp.io import atomic_replace, cache_dir
 
 __all__ = [
     "DEBIAN_WORDNET",
@@ -97,14 +97,6 @@ LEXNAMES_TEXT = "".join(
 _WNID = re.compile(r"^([nvasr])(\d{8})$")
 _SYNSET_NAME = re.compile(r"^.+\.[nvasr]\.\d{2}$")
 _CACHE_FORMAT = "wordnet-3.0-shortest-path-v1"
-
-
-def cache_dir() -> Path:
-    """Where advinterp keeps derived files: ``$ADVINTERP_CACHE``, else ``~/.cache/advinterp``."""
-    if os.environ.get("ADVINTERP_CACHE"):
-        return Path(os.environ["ADVINTERP_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "advinterp"
 
 
 def _source_dir() -> Path:

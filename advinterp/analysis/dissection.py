@@ -1,0 +1,304 @@
+"""Table 1: Network Dissection of a model on a probe's real images and on their adversarial versions.
+
+:func:`dissect_model` runs :func:`advinterp.metrics.dissect.dissect` on a
+Broden-format probe (:class:`advinterp.data.broden.BrodenProbe`), optionally
+attacks every probe image (the paper's ``opt``, least-likely target, §4.1) and
+dissects the adversarial images the same way: each side gets its own per-unit
+thresholds, and the adversarial images keep their real image's concept masks.
+:func:`write_dissection` writes what NetDissect writes, and Table 1:
+
+- ``real/tally_<layer>.csv`` and ``adversarial/tally_<layer>.csv``: per unit
+  its best concept (``unit, category, label, iou``);
+- ``iou.safetensors``: every unit × label IoU, per layer and side;
+- ``table1.json``: per category the % of interpretable units (best IoU above
+  the threshold), real and adversarial, over all dissected layers' units and
+  per layer; ``table1.png``: the same as a bar chart.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from advinterp.attacks.advset import build_adversarial_set
+from advinterp.data.broden import BrodenProbe, collate_masks, probe_batches
+from advinterp.errors import UserError
+from advinterp.io import atomic_replace, read_state_dict, save_tensors, write_json
+from advinterp.metrics.dissect import Dissection, dissect
+from advinterp.models import layer_shapes
+
+__all__ = [
+    "DissectionResult",
+    "default_dissect_layers",
+    "dissect_model",
+    "format_table1",
+    "plot_table1",
+    "table1",
+    "write_dissection",
+]
+
+SIDES = ("real", "adversarial")
+# Adversarial-set chunks stay near this many bytes of float images.
+_CHUNK_BYTES = 1 << 28
+
+
+def default_dissect_layers(model) -> list[str]:
+    """The last two stages of the network that output maps and hold a convolution
+    (``layer2, layer3`` of the compact ResNet, ``layer3, layer4`` of ResNet-18); a
+    network with fewer such stages (AlexNet, VGG: one ``features``) gives its last
+    two ``Conv2d`` layers."""
+    shapes = {name: shape for name, _, shape in layer_shapes(model)}
+    stages = [
+        name
+        for name, module in model.net.named_children()
+        if len(shapes.get(name, ())) == 3
+        and any(isinstance(m, nn.Conv2d) for m in module.modules())
+        and not isinstance(module, nn.Conv2d)
+    ]
+    if len(stages) >= 2:
+        return stages[-2:]
+    convs = [n for n, m in model.net.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise UserError("the model has no convolution to dissect")
+    return convs[-2:]
+
+
+class _ProbeImages(torch.utils.data.Dataset):
+    """Probe images as ``(image, -1, index)``: what the attack builder iterates (a
+    probe has concept masks, not class labels)."""
+
+    def __init__(self, probe: BrodenProbe):
+        self.probe = probe
+        self.name = probe.name
+
+    def __len__(self) -> int:
+        return len(self.probe)
+
+    def __getitem__(self, i: int):
+        return self.probe.image(i), -1, i
+
+
+class _AdversarialProbe:
+    """Re-iterable ``(adversarial images, masks)`` batches: shards read one at a time,
+    each image with its real image's masks."""
+
+    def __init__(self, folder: Path, probe: BrodenProbe, batch_size: int):
+        self.shards = sorted((Path(folder) / "shards").glob("*.safetensors"))
+        self.probe = probe
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        for shard in self.shards:
+            part = read_state_dict(shard)
+            for images, idx in zip(
+                part["images"].split(self.batch_size),
+                part["indices"].split(self.batch_size),
+                strict=True,
+            ):
+                masks = collate_masks([self.probe.masks(int(i)) for i in idx], self.probe.mask_size)
+                yield images, masks
+
+
+@dataclass
+class DissectionResult:
+    """Dissections of some layers on real (and adversarial) probe images."""
+
+    real: dict[str, Dissection]
+    adversarial: dict[str, Dissection] = field(default_factory=dict)
+    attack: dict | None = None
+    probe: str = ""
+    iou_threshold: float = 0.04
+    quantile: float = 0.995
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.real)
+
+    def sides(self) -> dict[str, dict[str, Dissection]]:
+        return {
+            "real": self.real,
+            **({"adversarial": self.adversarial} if self.adversarial else {}),
+        }
+
+
+def dissect_model(
+    model,
+    probe: BrodenProbe,
+    layers: Sequence[str] | None = None,
+    adversarial: str | Path | None = None,
+    quantile: float = 0.995,
+    iou_threshold: float = 0.04,
+    batch_size: int = 100,
+    attack_batch_size: int = 250,
+    seed: int = 0,
+    workers: int = 0,
+    progress: bool = True,
+) -> DissectionResult:
+    """Dissect ``layers`` (default :func:`default_dissect_layers`) of ``model`` on ``probe``.
+
+    With ``adversarial`` (a folder), every probe image is attacked first (``opt``,
+    least-likely target, seeded; the set is written there and a killed run
+    resumes it) and the adversarial images are dissected too.
+    """
+    layers = list(layers) if layers else default_dissect_layers(model)
+    common = dict(
+        categories=probe.categories,
+        labels=probe.labels,
+        quantile=quantile,
+        iou_threshold=iou_threshold,
+        progress=progress,
+    )
+    real = dissect(model, layers, probe_batches(probe, batch_size, workers), **common)
+    result = DissectionResult(
+        real=real,
+        probe=str(probe.root),
+        iou_threshold=iou_threshold,
+        quantile=quantile,
+    )
+    if adversarial is not None:
+        adversarial = Path(adversarial)
+        per_image = 4 * model.in_chans * probe.input_size**2
+        meta = build_adversarial_set(
+            model,
+            _ProbeImages(probe),
+            adversarial,
+            method="opt",
+            targeted=True,
+            target="least-likely",
+            seed=seed,
+            batch_size=attack_batch_size,
+            chunk=max(100, min(2000, _CHUNK_BYTES // per_image)),
+            resume=True,
+            progress=progress,
+        )
+        stats = meta.get("stats", {})
+        result.attack = {
+            "method": "opt",
+            "target": "least-likely",
+            "folder": str(adversarial),
+            "n": meta.get("n"),
+            "success_rate": stats.get("success_rate"),
+            "mean_l2": stats.get("mean_l2"),
+            "mean_linf": stats.get("mean_linf"),
+        }
+        result.adversarial = dissect(
+            model, layers, _AdversarialProbe(adversarial, probe, batch_size), **common
+        )
+    return result
+
+
+def table1(result: DissectionResult) -> dict:
+    """Per category the % of interpretable units, real and adversarial: pooled over
+    all dissected layers' units (``real``/``adversarial``) and per layer (``layers``)."""
+
+    def pooled(dissections: Mapping[str, Dissection]) -> dict[str, float]:
+        units = sum(d.iou.shape[0] for d in dissections.values())
+        first = next(iter(dissections.values()))
+        return {
+            cat: sum(d.interpretable()[cat] * d.iou.shape[0] for d in dissections.values()) / units
+            for cat in first.categories
+        }
+
+    out = {side: pooled(d) for side, d in result.sides().items()}
+    out["layers"] = {
+        layer: {side: d[layer].interpretable() for side, d in result.sides().items()}
+        for layer in result.layers
+    }
+    out["units"] = {layer: int(d.iou.shape[0]) for layer, d in result.real.items()}
+    out["iou_threshold"] = result.iou_threshold
+    out["quantile"] = result.quantile
+    out["probe"] = result.probe
+    if result.attack is not None:
+        out["attack"] = result.attack
+    return out
+
+
+def format_table1(tables: Mapping[str, dict]) -> str:
+    """A plain-text Table 1: one row per model, the categories for real then adversarial."""
+    first = next(iter(tables.values()))
+    cats = list(first["real"])
+    sides = [s for s in SIDES if s in first]
+    head = f"{'model':<16}" + "".join(f"{(s[:4] + ' ' + c[:3]):>10}" for s in sides for c in cats)
+    lines = ["% of units interpretable (best IoU > threshold), per category", head]
+    for name, t in tables.items():
+        lines.append(
+            f"{name:<16}"
+            + "".join(f"{t.get(s, {}).get(c, float('nan')):>10.1f}" for s in sides for c in cats)
+        )
+    return "\n".join(lines)
+
+
+def plot_table1(table: dict, path: str | Path, title: str = "") -> None:
+    """Bar chart: per category, % of interpretable units on real and adversarial images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(table["real"])
+    sides = [s for s in SIDES if s in table]
+    fig, ax = plt.subplots(figsize=(1.4 + 1.2 * len(cats), 3.2))
+    width = 0.8 / len(sides)
+    for k, side in enumerate(sides):
+        xs = [i + (k - (len(sides) - 1) / 2) * width for i in range(len(cats))]
+        bars = ax.bar(xs, [table[side][c] for c in cats], width, label=side)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(cats)), cats)
+    ax.set_ylabel("% interpretable units")
+    ax.set_title(title or f"Network Dissection (IoU > {table.get('iou_threshold', 0.04)})")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    atomic_replace(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def tally_csv(dissection: Dissection) -> str:
+    """NetDissect's tally: per unit its best concept (``unit, category, label, iou``)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["unit", "category", "label", "iou"])
+    for row in dissection.best():
+        writer.writerow(
+            [row.unit, row.category, row.label if row.category else "", f"{row.iou:.6f}"]
+        )
+    return buf.getvalue()
+
+
+def _file_name(layer: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in layer)
+
+
+def write_dissection(result: DissectionResult, out: str | Path, name: str = "") -> dict:
+    """Write the tallies, ``iou.safetensors``, ``table1.json`` and ``table1.png`` into
+    ``out`` (see the module doc); returns Table 1's dict."""
+    out = Path(out)
+    tensors = {}
+    for side, dissections in result.sides().items():
+        for layer, d in dissections.items():
+            text = tally_csv(d)
+
+            def write(tmp, text=text):
+                with open(tmp, "w", newline="") as f:
+                    f.write(text)
+
+            atomic_replace(out / side / f"tally_{_file_name(layer)}.csv", write)
+            tensors[f"{side}/{layer}/iou"] = d.iou.float()
+            tensors[f"{side}/{layer}/thresholds"] = d.thresholds.float()
+    save_tensors(out / "iou.safetensors", tensors)
+    table = table1(result)
+    first = next(iter(result.real.values()))
+    table["labels"] = first.labels
+    table["label_category"] = [
+        first.categories[int(k)] if k >= 0 else "" for k in first.label_category
+    ]
+    if name:
+        table["model"] = name
+    plot_table1(table, out / "table1.png", title=f"{name} — Network Dissection" if name else "")
+    write_json(out / "table1.json", table)
+    return table
