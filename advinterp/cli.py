@@ -416,6 +416,25 @@ def _analysis_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (units.csv, fig10.png, JSON)")
 
     p = sub.add_parser(
+        "reproduce",
+        help="the whole paper on the embedded data: Tables 1-2, Fig. 10, galleries, report",
+    )
+    p.add_argument("--out", required=True, help="run folder (summary.json, report/, ...)")
+    p.add_argument(
+        "--archs",
+        default="resnet",
+        help="comma-separated architectures (default resnet; alexnet,vgg16,resnet18 allowed)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer images and epochs, same stages (≈3 min)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--data-root",
+        help="folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)",
+    )
+
+    p = sub.add_parser(
         "dissect",
         help="Network Dissection on a Broden-format probe, real vs adversarial (Table 1)",
     )
@@ -616,18 +635,9 @@ def cmd_semantics(args) -> int:
     return 0
 
 
-def open_probe(spec: str, model, size: int = 3000, seed: int = 0, **kwargs):
-    """``fashion-broden`` (the embedded probe, in the cache) or a Broden folder, read at
-    the model's input size and channels."""
-    from advinterp.data.broden import BrodenProbe
-    from advinterp.data.fashion_broden import fashion_broden
-
-    root = fashion_broden(n=size, seed=seed) if spec == "fashion-broden" else spec
-    return BrodenProbe(root, input_size=model.input_size, in_chans=model.in_chans, **kwargs)
-
-
 def cmd_dissect(args) -> int:
     from advinterp.analysis.dissection import dissect_model, format_table1, write_dissection
+    from advinterp.data.broden import open_probe
     from advinterp.models import load_model
 
     if not 0 <= args.iou_threshold <= 1:
@@ -673,6 +683,24 @@ def cmd_dissect(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from advinterp.reproduce import ReproduceConfig, format_summary, reproduce
+
+    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
+    if not archs:
+        raise UserError("--archs is empty: name at least one architecture, e.g. resnet")
+    cfg = ReproduceConfig(archs=archs, quick=args.quick, seed=args.seed, data_root=args.data_root)
+    summary = reproduce(cfg, args.out)
+    print()
+    print(format_summary(summary))
+    out = Path(args.out)
+    print(
+        f"\ndone in {summary['total_seconds']:.0f}s of stage time; summary in "
+        f"{out / 'summary.json'}, report in {out / 'report' / 'index.html'}"
+    )
+    return 0
+
+
 def cmd_report(args) -> int:
     from advinterp.report import write_report
 
@@ -690,5 +718,6 @@ COMMANDS = {
     "topk": cmd_topk,
     "semantics": cmd_semantics,
     "dissect": cmd_dissect,
+    "reproduce": cmd_reproduce,
     "report": cmd_report,
 }

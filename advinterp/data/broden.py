@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 
 from advinterp.errors import UserError
 
-__all__ = ["CATEGORIES", "BrodenProbe", "probe_batches", "collate_masks"]
+__all__ = ["CATEGORIES", "BrodenProbe", "open_probe", "probe_batches", "collate_masks"]
 
 CATEGORIES = ("color", "object", "part", "material", "scene", "texture")
 INDEX_FIELDS = ("image", "split", "ih", "iw", "sh", "sw")
@@ -317,3 +317,12 @@ def probe_batches(probe: BrodenProbe, batch_size: int = 100, workers: int = 0) -
     """``(images N×C×H×W, {category: masks})`` batches of ``probe``, re-iterable
     (dissection reads the probe twice)."""
     return _ProbeLoader(probe, batch_size, workers)
+
+
+def open_probe(spec: str, model, size: int = 3000, seed: int = 0, **kwargs) -> BrodenProbe:
+    """``"fashion-broden"`` (the embedded probe of ``size`` images, written to the
+    cache on first use) or a Broden folder, read at ``model``'s input size and channels."""
+    from advinterp.data.fashion_broden import fashion_broden
+
+    root = fashion_broden(n=size, seed=seed) if spec == "fashion-broden" else spec
+    return BrodenProbe(root, input_size=model.input_size, in_chans=model.in_chans, **kwargs)
