@@ -222,10 +222,14 @@ def test_fashion_broden_is_deterministic_and_consistent(tmp_path):
     # Colour bands are the image's intensity quartiles, on every pixel.
     band = (x[:, 0] * 4).long().clamp(max=3) + probe.categories["color"][0]
     assert torch.equal(color, band)
-    # Object and texture never overlap; each image has one object class and one texture.
+    # Object and texture never overlap; each image has one object class and at most one
+    # texture; about half the images keep a plain background.
     assert not ((obj > 0) & (tex > 0)).any()
+    textured = 0
     for i in range(40):
-        assert len(obj[i].unique()) == 2 and len(tex[i].unique()) == 2
+        assert len(obj[i].unique()) == 2 and len(tex[i].unique()) <= 2
+        textured += len(tex[i].unique()) == 2
+    assert 10 <= textured <= 30
     # The object covers a real share of the image; background outside both is black.
     assert (obj > 0).float().mean() > 0.1
     outside = (obj == 0) & (tex == 0)
