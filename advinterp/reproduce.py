@@ -22,6 +22,7 @@ skipped, training and attacks continue from their last checkpoint or shard.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -131,6 +132,7 @@ class _Stages:
 
     def __call__(self, name: str, key: dict, outputs: Sequence[Path], fn: Callable[[], object]):
         record = self.run / "stages" / f"{name}.json"
+        key = json.loads(json.dumps(key))  # as stored: tuples become lists
         self.done += 1
         prefix = f"reproduce [{self.done}/{self.total}] {name}"
         if record.is_file() and all(p.exists() for p in outputs):
@@ -172,7 +174,7 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
     run = Path(out)
     run.mkdir(parents=True, exist_ok=True)
     names = [n for a in cfg.archs for n in (a, f"{a}-Adv", f"{a}-AT")]
-    stages = _Stages(run, total=len(cfg.archs) * 3 + len(names) * 3 + 3)
+    stages = _Stages(run, total=len(cfg.archs) * 3 + len(names) * 3 + 2)
     data = {"data_root": cfg.data_root, "seed": cfg.seed}
 
     for arch in cfg.archs:
