@@ -27,6 +27,20 @@ FGSM direction comes from the training-mode (batch-statistics) forward rather
 than an eval-mode one; for the sign of a gradient the difference is small, and
 it saves a third forward and backward pass (crafting in eval mode, then one
 forward of ``cat([x, x_fgsm])``, costs ≈ 3 passes each way instead of 2).
+
+Several processes: under ``torchrun --nproc-per-node N`` the run is data
+parallel (DistributedDataParallel; gloo on CPUs, NCCL with one GPU per
+process) and matches one process with the same ``--batch-size``, which is the
+global batch (see :mod:`advinterp.distributed`): every process draws the same
+shuffled batch, augmentation and per-image ε, keeps its rows, and the averaged
+gradients are the global batch's. Batch norm uses the global batch's
+statistics in training mode (:class:`~advinterp.distributed.GlobalBatchNorm`,
+as ``SyncBatchNorm`` would on GPUs), so its running statistics and its part of
+the gradients match too. What remains is float rounding (sums in another
+order), amplified where it flips the sign of a near-zero FGSM gradient (that
+pixel moves by 2ε): runs agree to float32 noise, not bit for bit
+(``tests/test_advtrain_ddp.py`` measures both). The test set is evaluated, and
+the checkpoint written, by process 0 only.
 """
 
 from __future__ import annotations
@@ -41,7 +55,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advinterp import train as train_mod
-from advinterp.data import open_dataset
+from advinterp.data import TensorImageSet, open_dataset
+from advinterp.distributed import World, global_batch_norm, joined
 from advinterp.errors import UserError
 from advinterp.io import read_json
 from advinterp.metrics.accuracy import table2
@@ -173,6 +188,22 @@ def adv_step(model, tap: FeatureTap, x, y, eps, cfg: AdvTrainConfig):
     return loss, logits_clean, x_adv
 
 
+def sharded_step(net, tap: FeatureTap, cfg: AdvTrainConfig):
+    """The ``step`` of :func:`advinterp.train.run_epoch` for this loss.
+
+    ``net`` is the model, or its DDP wrapper. Every process draws the whole
+    global batch's ε from the shared generator and keeps its rows, so the draws
+    (and the generator's state) are those of one process.
+    """
+
+    def step(x, y, gen, shard):
+        eps = shard.take(draw_eps(shard.size, cfg.eps_min, cfg.eps_max, gen))
+        loss, logits, _ = adv_step(net, tap, x, y, eps.to(x.device), cfg)
+        return loss, logits
+
+    return step
+
+
 def model_name(arch: str, beta: float) -> str:
     return f"{arch}-{'Adv' if beta else 'AT'}"
 
@@ -181,31 +212,45 @@ def advtrain(cfg: AdvTrainConfig, out: str | Path, resume: bool = False, progres
     """Fine-tune ``cfg.init`` adversarially; write ``out/model.safetensors`` + ``.json`` each epoch.
 
     Returns the final ``model.json`` (with per-epoch history: clean and FGSM ε=4/255 top-1).
+    Started by ``torchrun``, it trains in all the processes (module docstring).
     """
     cfg.check()
-    out = Path(out)
+    with joined() as world:
+        return _advtrain(cfg, Path(out), resume, progress and world.is_main, world)
+
+
+def _advtrain(cfg: AdvTrainConfig, out: Path, resume: bool, progress: bool, world: World):
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.init)
     init_config = dict(model.config)
     arch = init_config["arch"]
     name = model_name(arch, cfg.beta)
+    if world.size > 1:  # before the tap, which may hook a batch-norm layer
+        global_batch_norm(model, world.bn_group)
+    if world.device.type == "cpu":
+        # Conv weights channels-last like the batches (see attacks.base._channels_last):
+        # oneDNN convolves without reordering, a step runs ≈1.3× faster
+        # (benches/bench_advtrain.py); the values are the same, sums round differently.
+        model.to(memory_format=torch.channels_last)
     tap = FeatureTap(model, cfg.phi)  # an unknown --phi fails before any data is read
     train_set = open_dataset(cfg.data, "train", cfg.data_root, limit=cfg.limit)
-    test_set = open_dataset(cfg.data, "test", cfg.data_root, limit=cfg.eval_limit)
     if model.num_classes != len(train_set.classes):
         raise UserError(f"{cfg.init} has {model.num_classes} classes, {cfg.data} has another count")
+    world.check_batches(len(train_set), cfg.batch_size)
+    test_set = None
+    if world.is_main:
+        test_set = open_dataset(cfg.data, "test", cfg.data_root, limit=cfg.eval_limit)
+        test_set = _on(world.device, test_set)
     opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     history, start_epoch, elapsed = [], 0, 0.0
     if resume:
         start_epoch, history, elapsed = train_mod._restore(out, cfg, model, opt)
+    model.to(world.device)
+    for state in opt.state.values():
+        state["momentum_buffer"] = state["momentum_buffer"].to(world.device)
+    step = sharded_step(world.wrap(model), tap, cfg)  # DDP over several processes
     try:
         for epoch in range(start_epoch, cfg.epochs):
-
-            def step(x, y, gen):
-                eps = draw_eps(len(y), cfg.eps_min, cfg.eps_max, gen)
-                loss, logits, _ = adv_step(model, tap, x, y, eps, cfg)
-                return loss, logits
-
             loss, top1, seconds = train_mod.run_epoch(
                 model,
                 opt,
@@ -215,29 +260,41 @@ def advtrain(cfg: AdvTrainConfig, out: str | Path, resume: bool = False, progres
                 step,
                 desc=f"{name} epoch {epoch + 1}/{cfg.epochs}",
                 progress=progress,
+                world=world,
             )
             elapsed += seconds
-            row = table2(model, test_set, eps=(4 / 255,))
-            history.append(
-                {
-                    "epoch": epoch + 1,
-                    "train_loss": loss,
-                    "train_top1": top1,
-                    "test_top1": row["clean_top1"],
-                    "test_fgsm4_top1": row["fgsm_top1"],
-                    "seconds": elapsed,
-                }
-            )
-            if progress:
-                tqdm.write(
-                    f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}, "
-                    f"test top-1 {row['clean_top1']:.2f}%, FGSM ε=4 top-1 "
-                    f"{row['fgsm_top1']:.2f}%, {elapsed:.0f}s"
+            if world.is_main:
+                row = table2(model, test_set, eps=(4 / 255,))
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": loss,
+                        "train_top1": top1,
+                        "test_top1": row["clean_top1"],
+                        "test_fgsm4_top1": row["fgsm_top1"],
+                        "seconds": elapsed,
+                    }
                 )
-            _save(out, cfg, model, opt, history, elapsed, arch, name, init_config)
+                if progress:
+                    tqdm.write(
+                        f"{name} epoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}, "
+                        f"test top-1 {row['clean_top1']:.2f}%, FGSM ε=4 top-1 "
+                        f"{row['fgsm_top1']:.2f}%, {elapsed:.0f}s"
+                    )
+                _save(out, cfg, model, opt, history, elapsed, arch, name, init_config)
+            world.barrier()  # the others read model.json at the end
     finally:
         tap.close()
     return read_json(out / "model.json")
+
+
+def _on(device: torch.device, data: TensorImageSet) -> TensorImageSet:
+    """``data`` with its tensors on ``device`` (the evaluation runs where the model is)."""
+    if device.type == "cpu":
+        return data
+    return TensorImageSet(
+        data.images.to(device), data.labels.to(device), data.classes, data.wnids, data.name
+    )
 
 
 def _save(out, cfg, model, opt, history, elapsed, arch, name, init_config) -> None:

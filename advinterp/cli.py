@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="normally trained checkpoint to start from")
     p.add_argument("--out", required=True, help="output folder (model.safetensors, model.json)")
     p.add_argument("--epochs", type=_positive_int, default=2)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=128,
+        help="global batch; under torchrun --nproc-per-node N, split over the N processes",
+    )
     p.add_argument("--lr", type=float, default=0.01, help="peak one-cycle learning rate")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-5)
@@ -217,6 +222,7 @@ def cmd_train(args) -> int:
 
 def cmd_advtrain(args) -> int:
     from advinterp.advtrain import AdvTrainConfig, advtrain
+    from advinterp.distributed import is_main_process
 
     if args.limit is not None and args.limit < 1 or args.eval_limit < 1:
         raise UserError("--limit and --eval-limit must be at least 1")
@@ -239,6 +245,8 @@ def cmd_advtrain(args) -> int:
     )
     out = _new_model_folder(args.out, args.resume)
     result = advtrain(cfg, out, resume=args.resume)
+    if not is_main_process():  # under torchrun, process 0 speaks for all
+        return 0
     last = result["history"][-1]
     print(
         f"{result['name']}: test top-1 {last['test_top1']:.2f}%, FGSM ε=4 top-1 "

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advinterp.data import batches, open_dataset
+from advinterp.distributed import World
 from advinterp.errors import UserError
 from advinterp.io import read_json, read_state_dict, save_tensors, write_json
 from advinterp.metrics.accuracy import accuracy
@@ -104,13 +105,28 @@ def sgd(model, lr: float, momentum: float, weight_decay: float) -> torch.optim.S
     )
 
 
-def run_epoch(model, opt, train_set, cfg, epoch: int, step, desc: str, progress: bool = True):
+def run_epoch(
+    model,
+    opt,
+    train_set,
+    cfg,
+    epoch: int,
+    step,
+    desc: str,
+    progress: bool = True,
+    world: World | None = None,
+):
     """One epoch of ``cfg.epochs``: seeded shuffle, augmentation, one-cycle learning rate.
 
-    ``step(x, y, gen) -> (loss, logits)`` computes the loss of a batch; this loop
-    does the backward pass (into the parameters only) and the update. Returns the
-    mean loss, the train top-1 in % and the seconds spent.
+    ``step(x, y, gen, shard) -> (loss, logits)`` computes the loss (a batch mean)
+    of this process's rows ``x, y`` of the global batch; ``shard`` says which rows
+    (all of them in one process), for per-image random draws made for the whole
+    batch. This loop does the backward pass (into the parameters only) and the
+    update. With several processes (``world``), each draws the same global batch
+    and keeps its rows, so the run matches one process. Returns the mean loss,
+    the train top-1 in % and the seconds spent (over the global batches).
     """
+    world = world or World()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -130,15 +146,21 @@ def run_epoch(model, opt, train_set, cfg, epoch: int, step, desc: str, progress:
         for group in opt.param_groups:
             group["lr"] = one_cycle(epoch * steps_per_epoch + i, total, cfg.lr)
         x = augment(x, cfg.shift, cfg.flip, gen).contiguous(memory_format=torch.channels_last)
-        loss, logits = step(x, y, gen)
+        shard = world.shard(len(y))
+        x, y = shard.take(x).to(world.device), shard.take(y).to(world.device)
+        loss, logits = step(x, y, gen, shard)
         opt.zero_grad(set_to_none=True)
-        loss.backward(inputs=params)
+        # DDP averages the processes' gradients: weighting each loss by its share of
+        # the batch (×1 when it splits evenly) makes the update the global batch's.
+        weight = world.size * len(y) / shard.size
+        (loss * weight if weight != 1 else loss).backward(inputs=params)
         opt.step()
         seen += len(y)
         loss_sum += float(loss.detach()) * len(y)
         correct += int((logits.detach().argmax(1) == y).sum())
         if i % 20 == 0:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}%")
+    loss_sum, correct, seen = world.sum([loss_sum, correct, seen])
     return loss_sum / seen, 100 * correct / seen, time.perf_counter() - t0
 
 
@@ -161,7 +183,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, progress: boo
         start_epoch, history, elapsed = _restore(out, cfg, model, opt)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    def step(x, y, gen):
+    def step(x, y, gen, shard):
         logits = model(x)
         return loss_fn(logits, y), logits
 
