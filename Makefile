@@ -21,6 +21,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benches.bench_attacks
 	$(PY) -m benches.bench_semantics
+	$(PY) -m benches.bench_dissect
 	$(PY) -m benches.bench_advtrain
 
 format: $(STAMP)

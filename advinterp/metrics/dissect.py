@@ -172,6 +172,7 @@ def dissect(
         thresholds = {name: sketch.quantile(quantile) for name, sketch in sketches.items()}
         for name, sketch in sketches.items():
             counts[name] = IoUCounts(sketch.num_units, len(labels), label_category, len(names))
+        sketches.clear()  # ~3 × resolution values a unit, not needed in the second pass
         for images, masks in tqdm(passes(), desc="dissect: IoU", disable=not progress):
             unknown = set(masks) - set(index)
             if unknown:

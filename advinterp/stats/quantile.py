@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from advinterp.errors import UserError
@@ -31,6 +32,14 @@ __all__ = ["Quantile"]
 # weigh little, so their errors matter little, and memory stays ≈ 3 × resolution.
 _SHRINK = 2 / 3
 _MIN_CAPACITY = 8
+
+
+def _sorted_rows(values: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending. On the CPU numpy's vectorised sort is ~10× torch's (which also
+    builds an index we do not need); the sorted values are the same either way."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.numpy(), axis=1))
+    return values.sort(dim=1).values
 
 
 class Quantile:
@@ -94,7 +103,7 @@ class Quantile:
             level = 0
 
     def _compact(self, level: int) -> None:
-        items = self.levels[level].sort(dim=1).values
+        items = _sorted_rows(self.levels[level])
         n = items.shape[1]
         # An odd item out stays behind (the largest; any choice keeps the total weight).
         pairs = n // 2
