@@ -11,14 +11,17 @@ the last ``Linear``; default), the logits (adversarial logit pairing) or any
 named layer's output. ``β = 0`` is plain adversarial training (the ``-AT``
 baseline); otherwise the model is named ``<arch>-Adv``.
 
-One step is two forward and two backward passes, the floor:
+One step is two forward passes and three backward walks over the network, the
+floor when β > 0:
 
 1. a training-mode forward of the clean batch (``x`` requires grad) gives the
    clean logits and ``φ(x)``;
 2. ``torch.autograd.grad`` of the clean cross-entropy w.r.t. ``x`` only (no
    parameter gradients; the graph is kept) gives the FGSM direction;
 3. a training-mode forward of ``x_fgsm`` gives its logits and ``φ(x_fgsm)``;
-4. one backward of the total loss into the parameters.
+4. one backward of the total loss into the parameters, through both graphs
+   (the consistency term couples them, so the clean graph is walked twice: the
+   x-gradient of step 2 is needed before ``x_fgsm`` exists).
 
 Batch norm: no forward pass exists only for the attack, so the running
 statistics see each clean batch once and each adversarial batch once, like any
