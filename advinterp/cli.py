@@ -301,6 +301,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_attack(args) -> int:
     from advinterp.attacks.advset import build_adversarial_set
+    from advinterp.distributed import joined
     from advinterp.models import load_model
 
     if args.method not in METHODS:
@@ -320,20 +321,24 @@ def cmd_attack(args) -> int:
     data = _open_data(args, model)
     kwargs = {k: v for k, v in (("steps", args.steps), ("lam", args.lam)) if v is not None}
     t0 = time.perf_counter()
-    meta = build_adversarial_set(
-        model,
-        data,
-        Path(args.out),
-        method=args.method,
-        eps=None if args.eps is None else args.eps / 255,
-        targeted=args.targeted or args.method == "opt",
-        target=target,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        resume=args.resume,
-        model_spec=args.model,
-        **kwargs,
-    )
+    # Under torchrun each process attacks its share of the chunks (see build_adversarial_set).
+    with joined() as world:
+        meta = build_adversarial_set(
+            model,
+            data,
+            Path(args.out),
+            method=args.method,
+            eps=None if args.eps is None else args.eps / 255,
+            targeted=args.targeted or args.method == "opt",
+            target=target,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            resume=args.resume,
+            model_spec=args.model,
+            **kwargs,
+        )
+    if not world.is_main:  # process 0 speaks for all
+        return 0
     s = meta["stats"]
     print(
         f"{args.method}: success {100 * s['success_rate']:.1f}%, mean L2 {s['mean_l2']:.4f}, "

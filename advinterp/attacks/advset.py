@@ -7,6 +7,7 @@ atomically, so a killed run resumes at the first missing chunk) and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -59,7 +60,11 @@ def build_adversarial_set(
     """Attack every image of ``dataset`` and write the set to ``out`` (see module doc).
 
     Chunk ``i`` is attacked with seed ``seed + i``, so a resumed run gives the
-    same set as an uninterrupted one. Returns the contents of ``attack.json``.
+    same set as an uninterrupted one. Under ``torchrun`` (``torch.distributed``
+    initialised, N processes) process ``r`` attacks the chunks ``i`` with
+    ``i % N == r``: the same shards as one process, N at a time; process 0
+    writes ``settings.json`` and ``attack.json`` and shows the progress bar.
+    Returns the contents of ``attack.json``.
     """
     from tqdm.auto import tqdm
 
@@ -81,6 +86,7 @@ def build_adversarial_set(
         **kwargs,
     }
     shard_dir = out / "shards"
+    world = _current_world()
     if (out / "attack.json").exists() or shard_dir.exists():
         if not resume:
             raise UserError(
@@ -89,10 +95,21 @@ def build_adversarial_set(
         started = out / "settings.json"
         if started.exists() and read_json(started) != settings:
             raise UserError(f"{out} was started with other settings; resume with the same options")
-    write_json(out / "settings.json", settings)
+    # Every process has checked the folder before any of them writes to it.
+    world.barrier()
+    if world.is_main:
+        write_json(out / "settings.json", settings)
     n_chunks = -(-len(dataset) // chunk)
-    bar = tqdm(total=len(dataset), desc=f"attack {method}", unit="img", disable=not progress)
+    mine = [i for i in range(n_chunks) if i % world.size == world.rank]
+    total = sum(min(chunk, len(dataset) - i * chunk) for i in mine)
+    bar = tqdm(
+        total=total, desc=f"attack {method}", unit="img", disable=not (progress and world.is_main)
+    )
+    # Image folders are decoded by every process (the chunks' boundaries must agree); in-memory
+    # sets are only sliced.
     for i, (x, y, idx) in enumerate(batches(dataset, chunk)):
+        if i % world.size != world.rank:
+            continue
         path = shard_dir / f"{i:05d}.safetensors"
         if path.exists():
             bar.update(len(y))
@@ -125,6 +142,7 @@ def build_adversarial_set(
         )
         bar.update(len(y))
     bar.close()
+    world.barrier()  # all shards written
     n_written = len(list(shard_dir.glob("*.safetensors")))
     meta = {**settings, "shards": n_written}
     if n_written != n_chunks:
@@ -139,8 +157,28 @@ def build_adversarial_set(
             for k in small
         }
     )
-    write_json(out / "attack.json", meta)
+    if world.is_main:
+        write_json(out / "attack.json", meta)
+    world.barrier()  # no process returns before the set is complete
     return meta
+
+
+def _current_world():
+    """The :class:`~advinterp.distributed.World` of an initialised process group, else one process."""
+    import torch.distributed as dist
+
+    from advinterp.distributed import World
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    cuda = dist.get_backend() == "nccl"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return World(
+        rank=dist.get_rank(),
+        size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+    )
 
 
 def choose_targets(

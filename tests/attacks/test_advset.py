@@ -90,3 +90,54 @@ def test_an_incomplete_set_is_a_clear_error(small_run, tmp_path):
     with pytest.raises(UserError, match="incomplete"):
         load_adversarial_set(tmp_path / "s")
     assert read_json(tmp_path / "s" / "attack.json")["shards"] == 2
+
+
+def _attack_worker(rank: int, world_size: int, init_file: str, model_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        model = load_model(model_path)
+        data = open_dataset("fashion-mnist", "test", limit=64)
+        build_adversarial_set(model, data, out, **SHARDED)
+    finally:
+        dist.destroy_process_group()
+
+
+# Four chunks (16, 16, 16, 16 images): processes 0 and 1 attack two each; random targets and
+# opt's seeded start depend on the chunk's seed, so a wrong chunk-to-seed pairing shows.
+SHARDED = dict(
+    method="opt", target="random", steps=3, chunk=16, batch_size=8, seed=3, progress=False
+)
+
+
+def test_two_processes_write_the_set_of_one(small_run, tmp_path):
+    import torch.multiprocessing as mp
+
+    model_path = str(small_run / "model.safetensors")
+    mp.spawn(
+        _attack_worker,
+        args=(2, str(tmp_path / "init"), model_path, str(tmp_path / "two")),
+        nprocs=2,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same kernels, the same rounding
+    try:
+        model = load_model(model_path)
+        data = open_dataset("fashion-mnist", "test", limit=64)
+        build_adversarial_set(model, data, tmp_path / "one", **SHARDED)
+    finally:
+        torch.set_num_threads(threads)
+    one, meta_one = load_adversarial_set(tmp_path / "one")
+    two, meta_two = load_adversarial_set(tmp_path / "two")
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+    assert meta_one == meta_two and meta_two["shards"] == 4
+    assert read_json(tmp_path / "two" / "settings.json") == read_json(
+        tmp_path / "one" / "settings.json"
+    )
+    shards = sorted(p.name for p in (tmp_path / "two" / "shards").iterdir())
+    assert shards == [f"{i:05d}.safetensors" for i in range(4)]
