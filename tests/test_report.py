@@ -19,6 +19,7 @@ from PIL import Image
 from advinterp.cli import main
 from advinterp.errors import UserError
 from advinterp.report import write_report
+from advinterp.report.page import DASH
 
 SUMMARY = {
     "models": ["resnet", "resnet-Adv", "resnet-AT"],
@@ -595,3 +596,23 @@ def test_the_browser_check_reports_broken_pages(browser, tmp_path):
     assert any(p.startswith("network:") and "missing.png" in p for p in problems), problems
     assert "image did not load: missing.png" in problems
     assert not any("fine.png" in p for p in problems)
+
+
+def test_dissected_layers_outside_units_csv_get_their_own_page(tmp_path):
+    # A ResNet stage's output is dissected but is not a conv layer of Fig. 10: its page
+    # lists the tally's units and concepts, with no LC/CS.
+    run = make_run(tmp_path / "run")
+    for side, rows in {
+        "real": [(0, "texture", "striped", 0.125), (1, "object", "Bag", 0.0625)],
+        "adversarial": [(0, "", "", 0.01), (1, "object", "Coat", 0.05)],
+    }.items():
+        with open(run / "dissect" / "resnet" / side / "tally_layer3.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("unit", "category", "label", "iou"), *rows])
+    write_report(run)
+    page = Page(run / "report" / "resnet" / "layer3.html")
+    rows = page.body("units")
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert rows[0][-4:] == ["texture/striped", "0.125", DASH, "0.010"]
+    assert rows[1][-4:] == ["object/Bag", "0.062", "object/Coat", "0.050"]
+    assert rows[0][2] == DASH  # LC: not measured for this layer
+    assert "layer3.html" in (run / "report" / "index.html").read_text()

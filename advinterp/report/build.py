@@ -68,6 +68,8 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         dict.fromkeys([*summary["models"], *summary["table1"], *summary["table2"], *units])
     )
 
+    for model in models:
+        _add_dissected_layers(run, model, units)
     model_dirs = _Names({"index.html", "fig10.png"})
     layers: dict[str, list[_Layer]] = {}
     for model in models:
@@ -307,6 +309,22 @@ def _read_units(path: Path) -> dict[str, dict[str, list[dict]]]:
         seen.add((model, layer, entry["unit"]))
         units.setdefault(model, {}).setdefault(layer, []).append(entry)
     return units
+
+
+def _add_dissected_layers(run: Path, model: str, units: dict) -> None:
+    """Layers dissected but not in units.csv (e.g. a ResNet stage's output, where
+    Fig. 10 covers conv layers) get pages too: their units from the tally, no LC/CS."""
+    folder = run / "dissect" / model / "real"
+    if not _component_ok(model) or not folder.is_dir():
+        return
+    for tally in sorted(folder.glob("tally_*.csv")):
+        layer = tally.stem[len("tally_") :]
+        if layer in units.get(model, {}):
+            continue
+        rows = _read_tally(tally) or {}
+        units.setdefault(model, {})[layer] = [
+            {"unit": unit, "real_class": "", **dict.fromkeys(UNIT_NUMBERS)} for unit in sorted(rows)
+        ]
 
 
 def _read_tally(path: Path) -> dict[int, tuple[str, float | None]] | None:
