@@ -19,7 +19,12 @@ memory at its start, from its RSS sampled every 2 ms (goal: ours ≤ 1/10 of the
 baseline), in one more untimed run of each with glibc made to return freed
 memory at once, so that the RSS is the live allocations, and, for reference,
 in the timed runs with glibc's defaults (see :class:`PeakRSS`); the agreement
-of thresholds and IoUs; and what each would hold at Broden's scale. Timings on
+of thresholds and IoUs; and what each would hold at Broden's scale. Then, unless
+``--no-scaling``, how our cost grows (one run each, same preloaded probe, layer2 and
+layer3 unless stated): at batch sizes 32…512; on the first 500, 1000, 2000 and all
+images (images/s should stay flat: cost linear in images); and with layer1, layer2,
+layer3 alone or all three (time per image per unit), under ``"scaling"``. Dissection
+is measured in one process (it is not sharded over ranks). Timings on
 a shared machine are noisy: compare only ratios from one run. The model is the
 demo run's (``runs/demo/resnet``) when it exists, else the default architecture
 with random weights (speed does not depend on them). Stored under
@@ -75,6 +80,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--model", help=f"checkpoint (default: {DEMO_MODEL} if it exists)")
     parser.add_argument("--no-save", action="store_true", help="do not write results.json")
+    parser.add_argument(
+        "--scaling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time ours at other batch sizes, probe sizes and layers (~40 s)",
+    )
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -150,6 +161,7 @@ def main() -> None:
     live = measure_memory()
     default = {k: max(v) for k, v in peaks.items()}
     memory_ratio = live["ours"] / live["baseline"]
+    scale_rows = scaling(model, batches, probe) if args.scaling else None
     elapsed = time.perf_counter() - started
     result = {
         "command": " ".join(
@@ -183,11 +195,14 @@ def main() -> None:
         "memory_ratio_default_malloc": default["ours"] / default["baseline"],
         "agreement": agreement,
         "broden_scale": scale,
+        "scaling": scale_rows,
         "times_s": times,
         "rss_peaks_mb_default_malloc": {k: [p / MB for p in v] for k, v in peaks.items()},
         "elapsed_s": elapsed,
     }
     print_table(result)
+    if scale_rows:
+        print_scaling(scale_rows)
     if not args.no_save:
         path = save_results("dissect", result)
         print(f"\nwrote {path} (key 'dissect'); {elapsed:.0f} s in all")
@@ -198,6 +213,86 @@ def forward(model, batches) -> None:
     with torch.inference_mode():
         for images, _ in batches:
             model(images)
+
+
+# -- scaling ---------------------------------------------------------------------------------
+
+SCALING_BATCHES = (32, 64, 128, 256, 512)
+SCALING_IMAGES = (500, 1000, 2000)  # and the whole probe
+SCALING_LAYERS = (["layer1"], ["layer2"], ["layer3"], ["layer1", "layer2", "layer3"])
+
+
+def rebatch(batches, n: int, batch_size: int) -> list:
+    """The first ``n`` images of the preloaded ``batches`` in batches of ``batch_size``."""
+    images = torch.cat([x for x, _ in batches])[:n]
+    masks = {c: torch.cat([m[c] for _, m in batches])[:n] for c in batches[0][1]}
+    return [
+        (x, {c: m[start : start + batch_size] for c, m in masks.items()})
+        for start, x in zip(range(0, n, batch_size), images.split(batch_size), strict=True)
+    ]
+
+
+def scaling(model, batches, probe) -> dict:
+    """Our dissection's seconds as the batch size, the number of images and of units change.
+
+    One timed run per point, after the main comparison, on the same decoded probe; each
+    point first runs on two batches (kernels and allocator for its shapes).
+    """
+    n = len(probe)
+    shapes = layer_shapes(model, batches[0][0][:1], ["layer1", "layer2", "layer3"])
+
+    def timed(layers, bs, k) -> float:
+        data = rebatch(batches, k, bs)
+        dissect(model, layers, data[:2], probe.categories, probe.labels, QUANTILE)
+        t0 = time.perf_counter()
+        dissect(model, layers, data, probe.categories, probe.labels, QUANTILE)
+        return time.perf_counter() - t0
+
+    out = {"layers_default": LAYERS, "batch": [], "images": [], "units": []}
+    for bs in SCALING_BATCHES:
+        t = timed(LAYERS, bs, n)
+        out["batch"].append({"batch": bs, "images": n, "s": t, "ips": n / t})
+    for k in (*(k for k in SCALING_IMAGES if k < n), n):
+        t = timed(LAYERS, 100, k)
+        out["images"].append({"images": k, "batch": 100, "s": t, "ips": k / t})
+    for layers in SCALING_LAYERS:
+        t = timed(layers, 100, n)
+        units = sum(shapes[name][0] for name in layers)
+        out["units"].append(
+            {
+                "layers": layers,
+                "units": units,
+                "map": [list(shapes[name][1:]) for name in layers],
+                "images": n,
+                "s": t,
+                "ips": n / t,
+                "us_per_image_unit": 1e6 * t / (n * units),
+            }
+        )
+    return out
+
+
+def print_scaling(s: dict) -> None:
+    default = "+".join(s["layers_default"])
+    print(f"\nscaling of ours ({default} unless stated; one run each):")
+    print(
+        "  batch size: "
+        + ", ".join(f"{r['batch']} {r['ips']:.0f}" for r in s["batch"])
+        + f" img/s ({s['batch'][0]['images']} images)"
+    )
+    print(
+        "  images:     "
+        + ", ".join(f"{r['images']} {r['ips']:.0f}" for r in s["images"])
+        + " img/s"
+    )
+    print(
+        "  units:      "
+        + ", ".join(
+            f"{'+'.join(r['layers'])} ({r['units']}) {r['us_per_image_unit']:.1f}"
+            for r in s["units"]
+        )
+        + " µs per image per unit"
+    )
 
 
 # -- the reference method --------------------------------------------------------------------
@@ -499,7 +594,7 @@ def broden_scale(batch_size: int) -> dict:
 # -- the table -------------------------------------------------------------------------------
 
 
-def layer_shapes(model, x) -> dict[str, tuple[int, ...]]:
+def layer_shapes(model, x, layers=LAYERS) -> dict[str, tuple[int, ...]]:
     net = getattr(model, "net", model)
     modules = dict(net.named_modules())
     shapes = {}
@@ -507,7 +602,7 @@ def layer_shapes(model, x) -> dict[str, tuple[int, ...]]:
         modules[name].register_forward_hook(
             lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))
         )
-        for name in LAYERS
+        for name in layers
     ]
     with torch.inference_mode():
         model(x)
