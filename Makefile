@@ -23,6 +23,8 @@ bench: $(STAMP)
 	$(PY) -m benches.bench_semantics
 	$(PY) -m benches.bench_dissect
 	$(PY) -m benches.bench_advtrain
+	$(PY) -m benches.bench_scaling
+	$(PY) -m benches.summary
 
 format: $(STAMP)
 	.venv/bin/ruff format advinterp tests benches
