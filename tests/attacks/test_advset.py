@@ -99,10 +99,21 @@ def _attack_worker(rank: int, world_size: int, init_file: str, model_path: str, 
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
+    import advinterp.attacks
+
+    made = []  # the chunks' seeds this process attacked with
+    make = advinterp.attacks.make_attack
+
+    def counting(*args, **kwargs):
+        made.append(kwargs["seed"])
+        return make(*args, **kwargs)
+
+    advinterp.attacks.make_attack = counting  # build_adversarial_set imports it when called
     try:
         model = load_model(model_path)
         data = open_dataset("fashion-mnist", "test", limit=64)
         build_adversarial_set(model, data, out, **SHARDED)
+        torch.save(made, f"{out}.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -139,5 +150,7 @@ def test_two_processes_write_the_set_of_one(small_run, tmp_path):
     assert read_json(tmp_path / "two" / "settings.json") == read_json(
         tmp_path / "one" / "settings.json"
     )
+    seeds = [torch.load(tmp_path / f"two.rank{r}.pt") for r in range(2)]
+    assert seeds == [[3, 5], [4, 6]]  # chunks 0, 2 and 1, 3: seed 3 + chunk
     shards = sorted(p.name for p in (tmp_path / "two" / "shards").iterdir())
     assert shards == [f"{i:05d}.safetensors" for i in range(4)]
