@@ -432,7 +432,12 @@ def _analysis_parsers(sub) -> None:
         "reproduce",
         help="the whole paper on the embedded data: Tables 1-2, Fig. 10, galleries, report",
     )
-    p.add_argument("--out", required=True, help="run folder (summary.json, report/, ...)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run folder (summary.json, report/, ...); the same command again resumes a "
+        "killed run, skipping finished stages",
+    )
     p.add_argument(
         "--archs",
         default="resnet",
@@ -441,7 +446,9 @@ def _analysis_parsers(sub) -> None:
     p.add_argument(
         "--quick", action="store_true", help="fewer images and epochs, same stages (≈3 min)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of training, attacks and the probe (0)"
+    )
     p.add_argument(
         "--data-root",
         help="folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)",
@@ -467,7 +474,8 @@ def _analysis_parsers(sub) -> None:
     p.add_argument(
         "--layer",
         nargs="+",
-        help="layers to dissect (default: the last two stages, e.g. layer2 layer3)",
+        help="layers to dissect, each giving C×H×W maps (default: the last two stages, e.g. "
+        "layer2 layer3; `advinterp layers MODEL` lists them)",
     )
     p.add_argument(
         "--adversarial",
@@ -492,7 +500,9 @@ def _analysis_parsers(sub) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="output folder (tally CSVs, table1.json/png; the adversarial set in OUT/adversarial-set)",
+        help="output folder (tally CSVs, table1.json/png; the adversarial set in "
+        "OUT/adversarial-set, reused for the same model and probe); a later dissection "
+        "into it replaces the tallies of this one",
     )
 
 
@@ -649,7 +659,13 @@ def cmd_semantics(args) -> int:
 
 
 def cmd_dissect(args) -> int:
-    from advinterp.analysis.dissection import dissect_model, format_table1, write_dissection
+    from advinterp.analysis.dissection import (
+        dissect_model,
+        format_table1,
+        map_layers,
+        out_folder,
+        write_dissection,
+    )
     from advinterp.data.broden import open_probe
     from advinterp.models import load_model
 
@@ -657,7 +673,13 @@ def cmd_dissect(args) -> int:
         raise UserError(f"--iou-threshold must be in [0, 1], got {args.iou_threshold}")
     if not 0 < args.quantile < 1:
         raise UserError(f"--quantile must be in (0, 1), got {args.quantile}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 (decode in this process) or more, got {args.workers}")
+    # Everything a user can get wrong is checked before the probe is written or read.
     model = load_model(args.model, args.weights)
+    if args.layer:
+        map_layers(model, args.layer)
+    out = out_folder(args.out)
     probe = open_probe(
         args.probe,
         model,
@@ -666,23 +688,30 @@ def cmd_dissect(args) -> int:
         categories=args.categories,
         limit=args.limit,
     )
-    out = Path(args.out)
     name = (getattr(model, "config", None) or {}).get("name") or Path(args.model).parent.name
     print(
         f"dissecting {name} on {len(probe)} probe images ({probe.root}); "
         f"categories {', '.join(probe.category_names)}"
     )
-    result = dissect_model(
-        model,
-        probe,
-        layers=args.layer,
-        adversarial=out / "adversarial-set" if args.adversarial else None,
-        quantile=args.quantile,
-        iou_threshold=args.iou_threshold,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        workers=args.workers,
-    )
+    try:
+        result = dissect_model(
+            model,
+            probe,
+            layers=args.layer,
+            adversarial=out / "adversarial-set" if args.adversarial else None,
+            quantile=args.quantile,
+            iou_threshold=args.iou_threshold,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            workers=args.workers,
+        )
+    except KeyboardInterrupt:
+        kept = " (the finished shards of the adversarial set are kept)" if args.adversarial else ""
+        print(
+            f"advinterp: interrupted{kept}: run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     table = write_dissection(result, out, name=name)
     if result.attack:
         a = result.attack
@@ -703,7 +732,15 @@ def cmd_reproduce(args) -> int:
     if not archs:
         raise UserError("--archs is empty: name at least one architecture, e.g. resnet")
     cfg = ReproduceConfig(archs=archs, quick=args.quick, seed=args.seed, data_root=args.data_root)
-    summary = reproduce(cfg, args.out)
+    try:
+        summary = reproduce(cfg, args.out)
+    except KeyboardInterrupt:
+        print(
+            "advinterp: interrupted; finished stages are kept: run the same command again "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130
     print()
     print(format_summary(summary))
     out = Path(args.out)
@@ -717,7 +754,15 @@ def cmd_reproduce(args) -> int:
 def cmd_report(args) -> int:
     from advinterp.report import write_report
 
-    index = write_report(args.run, args.out)
+    run = Path(args.run)
+    if run.is_file():
+        raise UserError(
+            f"{run} is a file: give the run folder (written by `advinterp reproduce --out RUN`, "
+            "holding summary.json)"
+        )
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file: give a folder (it is created when missing)")
+    index = write_report(run, args.out)
     print(f"report written to {index} (open it in a browser, no server needed)")
     return 0
 

@@ -17,6 +17,8 @@ checkpoints it reads) are unchanged:
 
 A killed run started again with the same command resumes: finished stages are
 skipped, training and attacks continue from their last checkpoint or shard.
+Before any stage runs, the architectures, the Fashion-MNIST files and the run
+folder are checked, so a mistake costs no training time.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class _Stages:
         self.run = run
         self.total = total
         self.done = 0
+        self.ran = 0
         self.timings: dict[str, float] = {}
         self.t0 = time.perf_counter()
 
@@ -147,8 +150,10 @@ class _Stages:
         seconds = time.perf_counter() - start
         self.timings[name] = seconds
         write_json(record, {"key": key, "seconds": seconds})
+        self.ran += 1
         elapsed = time.perf_counter() - self.t0
-        left = elapsed / self.done * (self.total - self.done)
+        # Skipped stages take no time: estimate from the stages that ran.
+        left = elapsed / self.ran * (self.total - self.done)
         print(
             f"{prefix}: {seconds:.0f}s (elapsed {elapsed:.0f}s, about {left:.0f}s left)",
             flush=True,
@@ -165,14 +170,21 @@ def _gallery_layer(model) -> str:
 
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> dict:
     """Run every stage into ``out`` (see the module doc); returns ``summary.json``'s dict."""
+    from advinterp.analysis.dissection import out_folder
+    from advinterp.data.fashion import load_fashion_mnist
     from advinterp.models import SMALL_ARCHS
 
     cfg = cfg.resolved()
+    # The same architecture twice would train and analyse the same models twice.
+    cfg.archs = tuple(dict.fromkeys(cfg.archs))
+    if not cfg.archs:
+        raise UserError("no architecture given: name at least one, e.g. resnet")
     for arch in cfg.archs:
         if arch not in SMALL_ARCHS:
             raise UserError(f"unknown architecture {arch!r}: choose from {', '.join(SMALL_ARCHS)}")
-    run = Path(out)
-    run.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):  # fail now, not after the first stages
+        load_fashion_mnist(split, cfg.data_root)
+    run = out_folder(out)
     names = [n for a in cfg.archs for n in (a, f"{a}-Adv", f"{a}-AT")]
     stages = _Stages(run, total=len(cfg.archs) * 3 + len(names) * 3 + 2)
     data = {"data_root": cfg.data_root, "seed": cfg.seed}

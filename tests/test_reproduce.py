@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+import advinterp.reproduce
 from advinterp.cli import main
-from advinterp.reproduce import _slope, findings
+from advinterp.io import write_json
+from advinterp.reproduce import _slope, _Stages, findings
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def test_summary_has_the_documented_keys(quick_run):
 
 def test_rerun_skips_every_stage(quick_run, capsys):
     before = (quick_run / "summary.json").read_text()
-    assert main(["reproduce", "--quick", "--out", str(quick_run)]) == 0
+    # An architecture named twice is one architecture: the same 14 stages.
+    assert main(["reproduce", "--quick", "--archs", "resnet,resnet", "--out", str(quick_run)]) == 0
     out = capsys.readouterr().out
     assert out.count("unchanged, skipped") == 14
     after = json.loads((quick_run / "summary.json").read_text())
@@ -102,3 +105,48 @@ def test_slope_and_findings_by_hand():
     summary["table2"]["m-Adv"]["fgsm_top1"] = 15.0
     held = [f["held"] for f in findings(summary, "m")]
     assert held[0] is False and held[1] is False and held[5] is False
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("advinterp: error:") and "\n" not in err
+    assert "reproduce [" not in captured.out  # no stage started
+    return err
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "run").write_text("x")
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "run")]) == 2
+    assert "is a file" in _one_line_error(capsys)
+
+
+def test_missing_data_root_fails_before_any_stage(tmp_path, capsys):
+    args = ["reproduce", "--quick", "--data-root", str(tmp_path / "none")]
+    assert main(args + ["--out", str(tmp_path / "run")]) == 2
+    assert "Fashion-MNIST folder" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(cfg, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(advinterp.reproduce, "reproduce", interrupted)
+    assert main(["reproduce", "--quick", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "run the same command again" in err and "--resume" not in err
+
+
+def test_time_left_counts_only_stages_that_ran(tmp_path, capsys, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(advinterp.reproduce.time, "perf_counter", lambda: clock[0])
+    for name in ("a", "b"):  # finished by an earlier run
+        write_json(tmp_path / "stages" / f"{name}.json", {"key": {}, "seconds": 50.0})
+    stages = _Stages(tmp_path, total=4)
+    stages("a", {}, [], lambda: None)
+    stages("b", {}, [], lambda: None)
+    stages("c", {}, [], lambda: clock.__setitem__(0, 10.0))
+    # 10 s for the one stage that ran, one stage to go: about 10 s left (not 10/3).
+    out = capsys.readouterr().out
+    assert out.count("unchanged, skipped") == 2 and "about 10s left" in out

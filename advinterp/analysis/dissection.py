@@ -13,12 +13,20 @@ thresholds, and the adversarial images keep their real image's concept masks.
 - ``table1.json``: per category the % of interpretable units (best IoU above
   the threshold), real and adversarial, over all dissected layers' units and
   per layer; ``table1.png``: the same as a bar chart.
+
+Writing into a folder that holds an earlier dissection replaces it: tallies of
+layers (or of an adversarial side) not dissected this time are removed, so the
+folder always describes one dissection.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +37,18 @@ from torch import nn
 from advinterp.attacks.advset import build_adversarial_set
 from advinterp.data.broden import BrodenProbe, collate_masks, probe_batches
 from advinterp.errors import UserError
-from advinterp.io import atomic_replace, read_state_dict, save_tensors, write_json
+from advinterp.io import atomic_replace, read_json, read_state_dict, save_tensors, write_json
 from advinterp.metrics.dissect import Dissection, dissect
 from advinterp.models import layer_shapes
+from advinterp.record import resolve_layers
 
 __all__ = [
     "DissectionResult",
     "default_dissect_layers",
     "dissect_model",
     "format_table1",
+    "map_layers",
+    "out_folder",
     "plot_table1",
     "table1",
     "write_dissection",
@@ -69,6 +80,66 @@ def default_dissect_layers(model) -> list[str]:
     return convs[-2:]
 
 
+def map_layers(model, layers: Sequence[str]) -> list[str]:
+    """``layers`` checked before any work: each must exist (raises the recorder's
+    "unknown layer" error) and give ``C×H×W`` maps (a ``Linear`` layer's vector has no
+    spatial extent to compare with a mask)."""
+    names = resolve_layers(model, list(layers))
+    found = {name: (kind, shape) for name, kind, shape in layer_shapes(model)}
+    for name in names:
+        kind, shape = found.get(name, ("", ()))
+        if len(shape) != 3:
+            maps = [n for n, (_, s) in found.items() if len(s) == 3 and s[1] * s[2] > 1]
+            raise UserError(
+                f"layer {name} ({kind or 'no tensor output'}) gives "
+                f"{'×'.join(map(str, shape)) or 'no'} values per image, not C×H×W maps: "
+                f"dissect a convolutional layer, e.g. {', '.join(maps[-2:])} "
+                "(`advinterp layers MODEL` lists them)"
+            )
+    return names
+
+
+def out_folder(path: str | Path) -> Path:
+    """``path`` as an output folder, created, checked writable before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file: give a folder (it is created when missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write into --out {path}: {e.strerror or e}") from None
+    return path
+
+
+def _model_fingerprint(model) -> str:
+    """A short hash of the model's weights: tells an adversarial set which model made it."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return "weights:" + h.hexdigest()[:16]
+
+
+def _drop_foreign_set(folder: Path, expected: Mapping[str, object], progress: bool) -> None:
+    """Remove an adversarial set in ``folder`` made from another model or probe (an earlier
+    dissection into the same ``--out``): it is a by-product of that run, and resuming it
+    would pair another model's images with this probe."""
+    settings = folder / "settings.json"
+    if not settings.is_file():
+        return
+    try:
+        saved = read_json(settings)
+    except UserError:
+        saved = {}
+    if any(saved.get(k) != v for k, v in expected.items()):
+        if progress:
+            print(f"{folder} holds the adversarial set of another model or probe: rebuilding it")
+        shutil.rmtree(folder)
+
+
 class _ProbeImages(torch.utils.data.Dataset):
     """Probe images as ``(image, -1, index)``: what the attack builder iterates (a
     probe has concept masks, not class labels)."""
@@ -92,6 +163,16 @@ class _AdversarialProbe:
         self.shards = sorted((Path(folder) / "shards").glob("*.safetensors"))
         self.probe = probe
         self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        """Batches in one pass (the progress bar's total), from the shards' headers."""
+        from safetensors import safe_open
+
+        total = 0
+        for shard in self.shards:
+            with safe_open(str(shard), "pt") as f:
+                total += -(-f.get_slice("indices").get_shape()[0] // self.batch_size)
+        return total
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         for shard in self.shards:
@@ -146,7 +227,7 @@ def dissect_model(
     least-likely target, seeded; the set is written there and a killed run
     resumes it) and the adversarial images are dissected too.
     """
-    layers = list(layers) if layers else default_dissect_layers(model)
+    layers = map_layers(model, layers if layers else default_dissect_layers(model))
     common = dict(
         categories=probe.categories,
         labels=probe.labels,
@@ -164,17 +245,23 @@ def dissect_model(
     if adversarial is not None:
         adversarial = Path(adversarial)
         per_image = 4 * model.in_chans * probe.input_size**2
+        images = _ProbeImages(probe)
+        chunk = max(100, min(2000, _CHUNK_BYTES // per_image))
+        spec = _model_fingerprint(model)
+        expected = {"model": spec, "dataset": images.name, "n": len(images), "seed": seed}
+        _drop_foreign_set(adversarial, expected | {"chunk": chunk}, progress)
         meta = build_adversarial_set(
             model,
-            _ProbeImages(probe),
+            images,
             adversarial,
             method="opt",
             targeted=True,
             target="least-likely",
             seed=seed,
             batch_size=attack_batch_size,
-            chunk=max(100, min(2000, _CHUNK_BYTES // per_image)),
+            chunk=chunk,
             resume=True,
+            model_spec=spec,
             progress=progress,
         )
         stats = meta.get("stats", {})
@@ -224,11 +311,14 @@ def format_table1(tables: Mapping[str, dict]) -> str:
     first = next(iter(tables.values()))
     cats = list(first["real"])
     sides = [s for s in SIDES if s in first]
-    head = f"{'model':<16}" + "".join(f"{(s[:4] + ' ' + c[:3]):>10}" for s in sides for c in cats)
+    width = max(16, *(len(name) + 1 for name in tables))
+    head = f"{'model':<{width}}" + "".join(
+        f"{(s[:4] + ' ' + c[:3]):>10}" for s in sides for c in cats
+    )
     lines = ["% of units interpretable (best IoU > threshold), per category", head]
     for name, t in tables.items():
         lines.append(
-            f"{name:<16}"
+            f"{name:<{width}}"
             + "".join(f"{t.get(s, {}).get(c, float('nan')):>10.1f}" for s in sides for c in cats)
         )
     return "\n".join(lines)
@@ -276,9 +366,15 @@ def _file_name(layer: str) -> str:
 
 def write_dissection(result: DissectionResult, out: str | Path, name: str = "") -> dict:
     """Write the tallies, ``iou.safetensors``, ``table1.json`` and ``table1.png`` into
-    ``out`` (see the module doc); returns Table 1's dict."""
+    ``out`` (see the module doc); returns Table 1's dict.
+
+    Each file is replaced atomically; tallies of an earlier dissection in ``out`` whose
+    layer or side this one lacks are removed once the new ones are written, so no
+    stale tally sits beside the new Table 1.
+    """
     out = Path(out)
     tensors = {}
+    written = set()
     for side, dissections in result.sides().items():
         for layer, d in dissections.items():
             text = tally_csv(d)
@@ -287,10 +383,18 @@ def write_dissection(result: DissectionResult, out: str | Path, name: str = "") 
                 with open(tmp, "w", newline="") as f:
                     f.write(text)
 
-            atomic_replace(out / side / f"tally_{_file_name(layer)}.csv", write)
+            path = out / side / f"tally_{_file_name(layer)}.csv"
+            atomic_replace(path, write)
+            written.add(path)
             tensors[f"{side}/{layer}/iou"] = d.iou.float()
             tensors[f"{side}/{layer}/thresholds"] = d.thresholds.float()
     save_tensors(out / "iou.safetensors", tensors)
+    for side in SIDES:
+        for stale in (out / side).glob("tally_*.csv"):
+            if stale not in written:
+                stale.unlink(missing_ok=True)
+        if (out / side).is_dir() and not any((out / side).iterdir()):
+            (out / side).rmdir()
     table = table1(result)
     first = next(iter(result.real.values()))
     table["labels"] = first.labels

@@ -14,7 +14,10 @@ A Broden folder (the ``broden1_224`` / ``broden1_227`` release, or the embedded
 - ``category.csv``: ``name, first, last, count, frequency``; and
   ``c_<category>.csv``: ``code, number, name, frequency, coverage``.
 - ``images/``: the images and segmentation PNGs; a pixel's label is
-  ``R + 256·G``.
+  ``R + 256·G``. A single-channel PNG (8-bit grey ``L``, or 16-bit ``I;16``)
+  holds the label itself: it is read as R with G = 0 (a 16-bit value is the
+  same number as ``R + 256·G``), never as the grey colour (v, v, v), which would
+  give ``257·v``. A palette PNG is read through its palette's RGB colours.
 
 :class:`BrodenProbe` reads it: items are ``(image, masks, index)``, ``masks``
 mapping a category to an ``S×H×W`` stack of pixel labels (``S`` overlapping
@@ -96,6 +99,10 @@ class BrodenProbe(torch.utils.data.Dataset):
         limit: int | None = None,
     ):
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise UserError(
+                f"probe {root} is a file: give the probe's folder (the one holding index.csv)"
+            )
         if not root.is_dir():
             raise UserError(f"probe folder {root} does not exist")
         if not (root / "index.csv").is_file():
@@ -112,7 +119,9 @@ class BrodenProbe(torch.utils.data.Dataset):
         category_rows = _read_csv(root / "category.csv", ("name",))
         index_path = root / "index.csv"
         rows = _read_csv(index_path, INDEX_FIELDS)
-        columns = [c["name"] for c in category_rows if c["name"] in (rows[0] if rows else {})]
+        if not rows:
+            raise UserError(f"{index_path} lists no images (it has only a header)")
+        columns = [c["name"] for c in category_rows if c["name"] in rows[0]]
         if categories is None:
             categories = columns
         unknown = [c for c in categories if c not in columns]
@@ -135,6 +144,11 @@ class BrodenProbe(torch.utils.data.Dataset):
             entry = {"image": row["image"], "line": line}
             for key in ("ih", "iw", "sh", "sw"):
                 entry[key] = _int(row[key], index_path, line, key)
+                if entry[key] < 1:
+                    raise UserError(
+                        f"{index_path} row {line}: column {key} holds {entry[key]}, "
+                        "not a size of at least 1"
+                    )
             annotated = False
             for name in self.category_names:
                 items: list[int | str] = []
@@ -238,10 +252,20 @@ class BrodenProbe(torch.utils.data.Dataset):
         path = self.root / "images" / file
         try:
             with Image.open(path) as im:
-                rgb = torch.from_numpy(np.array(im.convert("RGB")))
+                if im.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
+                    # A single channel is the label itself (R with G = 0; a 16-bit
+                    # value equals R + 256·G), not a grey colour (v, v, v).
+                    label = torch.from_numpy(np.array(im).astype(np.int64))
+                else:
+                    rgb = torch.from_numpy(np.array(im.convert("RGB")))
+                    label = rgb[..., 0].long() + 256 * rgb[..., 1].long()
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise UserError(f"{path} (index.csv row {row['line']}) cannot be read: {e}") from None
-        label = rgb[..., 0].long() + 256 * rgb[..., 1].long()
+        if label.dim() != 2 or bool((label < 0).any()):
+            raise UserError(
+                f"{path} (index.csv row {row['line']}) is not a segmentation "
+                "(expected one label per pixel, R + 256·G)"
+            )
         present = label.unique()
         unknown = present[
             (present >= len(self.labels)) | ~self._known[present.clamp(max=len(self.labels) - 1)]
@@ -315,7 +339,13 @@ class _ProbeLoader:
 
 def probe_batches(probe: BrodenProbe, batch_size: int = 100, workers: int = 0) -> _ProbeLoader:
     """``(images N×C×H×W, {category: masks})`` batches of ``probe``, re-iterable
-    (dissection reads the probe twice)."""
+    (dissection reads the probe twice); ``workers`` decoding processes (0: none)."""
+    if batch_size < 1:
+        raise UserError(f"the batch size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise UserError(
+            f"the number of workers must be 0 (decode in this process) or more, got {workers}"
+        )
     return _ProbeLoader(probe, batch_size, workers)
 
 

@@ -234,3 +234,61 @@ def test_fashion_broden_is_deterministic_and_consistent(tmp_path):
     assert (obj > 0).float().mean() > 0.1
     outside = (obj == 0) & (tex == 0)
     assert outside.any() and x[:, 0][outside].max() == 0
+
+
+def test_probe_path_that_is_a_file(tmp_path):
+    (tmp_path / "index.csv").write_text("image\n")
+    with pytest.raises(UserError, match="is a file: give the probe's folder"):
+        BrodenProbe(tmp_path / "index.csv")
+
+
+def test_header_only_index(broden):
+    _rewrite_index(broden, lambda rows: rows[:1])
+    with pytest.raises(UserError, match="lists no images"):
+        BrodenProbe(broden)
+
+
+def test_non_integer_or_zero_sizes(broden):
+    _rewrite_index(broden, lambda rows: rows[:2] + [rows[2][:4] + ["x4"] + rows[2][5:]])
+    with pytest.raises(UserError, match=r"row 3: column sh holds 'x4', not an integer"):
+        BrodenProbe(broden)
+    _rewrite_index(broden, lambda rows: rows[:2] + [rows[2][:4] + ["0"] + rows[2][5:]])
+    with pytest.raises(UserError, match=r"row 3: column sh holds 0"):
+        BrodenProbe(broden)
+
+
+@pytest.mark.parametrize("missing", ["label.csv", "category.csv", "c_object.csv"])
+def test_missing_table_is_named(broden, missing):
+    (broden / missing).unlink()
+    with pytest.raises(UserError, match=f"{missing} not found"):
+        BrodenProbe(broden)
+
+
+def test_greyscale_segmentation_holds_the_label(broden):
+    """A one-channel PNG is the label itself (R with G = 0), not the grey colour (v, v, v)."""
+    grey = np.zeros((4, 4), np.uint8)
+    grey[:2] = 1
+    Image.fromarray(grey, "L").save(broden / "images/ade20k/a_object.png")
+    wide = np.zeros((4, 4), np.uint16)
+    wide[:, :2] = 300  # 16-bit: the full R + 256·G number
+    Image.fromarray(wide).save(broden / "images/ade20k/a_part.png")
+    masks = BrodenProbe(broden).masks(0)
+    assert torch.equal(masks["object"][0], torch.from_numpy(grey).long())
+    assert torch.equal(masks["part"][0], torch.from_numpy(wide.astype(np.int64)))
+
+
+def test_bad_batch_size_and_workers(broden):
+    probe = BrodenProbe(broden)
+    with pytest.raises(UserError, match="batch size must be at least 1"):
+        probe_batches(probe, batch_size=0)
+    with pytest.raises(UserError, match="workers must be 0"):
+        probe_batches(probe, workers=-1)
+
+
+def test_grey_probe_feeds_an_rgb_model_of_another_size(tmp_path):
+    """fashion-broden (1×28×28) read for an ImageNet model: converted to RGB and resized."""
+    root = write_fashion_broden(tmp_path / "fb", n=4, progress=False)
+    probe = BrodenProbe(root, input_size=64, in_chans=3)
+    image, masks, _ = probe[0]
+    assert image.shape == (3, 64, 64) and torch.equal(image[0], image[1])
+    assert masks["object"].shape == (1, 28, 28)  # masks keep the probe's own size
