@@ -44,8 +44,15 @@ def _positive_int(v: str) -> int:
     return n
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other error: one line and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"advinterp: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="advinterp",
         description="Interpretability analysis of deep networks with adversarial examples "
         "(Dong, Su & Zhu 2022).",
@@ -178,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "advinterp: interrupted; finished work is kept (rerun with --resume)", file=sys.stderr
+            "advinterp: interrupted; finished work is kept (run the same command again: "
+            "training verbs take --resume, the others pick up what they wrote)",
+            file=sys.stderr,
         )
         return 130
 
@@ -663,10 +672,10 @@ def cmd_dissect(args) -> int:
         dissect_model,
         format_table1,
         map_layers,
-        out_folder,
         write_dissection,
     )
     from advinterp.data.broden import open_probe
+    from advinterp.io import out_folder
     from advinterp.models import load_model
 
     if not 0 <= args.iou_threshold <= 1:

@@ -26,6 +26,21 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "advinterp"
 
 
+def out_folder(path: str | Path) -> Path:
+    """``path`` as an output folder, created, checked writable before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file: give a folder (it is created when missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write into --out {path}: {e.strerror or e}") from None
+    return path
+
+
 def atomic_replace(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
     path = Path(path)

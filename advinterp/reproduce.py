@@ -170,8 +170,8 @@ def _gallery_layer(model) -> str:
 
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> dict:
     """Run every stage into ``out`` (see the module doc); returns ``summary.json``'s dict."""
-    from advinterp.analysis.dissection import out_folder
     from advinterp.data.fashion import load_fashion_mnist
+    from advinterp.io import out_folder
     from advinterp.models import SMALL_ARCHS
 
     cfg = cfg.resolved()

@@ -28,6 +28,10 @@ def _main(capsys, *args):
             ["train", "--out", "x", "--data-root", "/nonexistent"],
             "apt-get install dataset-fashion-mnist",
         ),
+        # Usage mistakes caught by the argument parser end the same way.
+        (["dissect", "--model", "x", "--out", "x", "--limit", "0"], "--limit: must be ≥ 1"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["evaluate"], "the following arguments are required: --model"),
     ],
 )
 def test_user_mistakes_end_in_one_line(args, message, tmp_path, capsys):

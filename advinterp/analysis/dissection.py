@@ -24,9 +24,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +46,6 @@ __all__ = [
     "dissect_model",
     "format_table1",
     "map_layers",
-    "out_folder",
     "plot_table1",
     "table1",
     "write_dissection",
@@ -97,21 +94,6 @@ def map_layers(model, layers: Sequence[str]) -> list[str]:
                 "(`advinterp layers MODEL` lists them)"
             )
     return names
-
-
-def out_folder(path: str | Path) -> Path:
-    """``path`` as an output folder, created, checked writable before any work starts."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file: give a folder (it is created when missing)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"cannot write into --out {path}: {e.strerror or e}") from None
-    return path
 
 
 def _model_fingerprint(model) -> str:
