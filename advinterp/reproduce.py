@@ -94,13 +94,13 @@ class ReproduceConfig:
 
 # Budgets on 2 CPU cores: the default run ≤ 15 minutes, --quick ≤ 3 minutes.
 DEFAULT = dict(
-    train_epochs=3,
+    train_epochs=4,
     train_limit=None,
-    adv_epochs=1,
+    adv_epochs=2,
     adv_limit=30000,
     eval_limit=None,
-    attack_images=2000,
-    probe_images=2000,
+    attack_images=4000,
+    probe_images=3000,
 )
 QUICK = dict(
     train_epochs=1,
