@@ -7,7 +7,7 @@ import pytest
 import advinterp.reproduce
 from advinterp.cli import main
 from advinterp.io import write_json
-from advinterp.reproduce import _slope, _Stages, findings
+from advinterp.reproduce import ReproduceConfig, _slope, _Stages, findings, stage_costs
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +143,21 @@ def test_time_left_counts_only_stages_that_ran(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(advinterp.reproduce.time, "perf_counter", lambda: clock[0])
     for name in ("a", "b"):  # finished by an earlier run
         write_json(tmp_path / "stages" / f"{name}.json", {"key": {}, "seconds": 50.0})
-    stages = _Stages(tmp_path, total=4)
+    stages = _Stages(tmp_path, {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0})
     stages("a", {}, [], lambda: None)
     stages("b", {}, [], lambda: None)
     stages("c", {}, [], lambda: clock.__setitem__(0, 10.0))
     # 10 s for the one stage that ran, one stage to go: about 10 s left (not 10/3).
     out = capsys.readouterr().out
     assert out.count("unchanged, skipped") == 2 and "about 10s left" in out
+
+
+def test_time_left_weighs_stages_by_cost(tmp_path, capsys, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(advinterp.reproduce.time, "perf_counter", lambda: clock[0])
+    stages = _Stages(tmp_path, {"small": 1.0, "big": 3.0})
+    stages("small", {}, [], lambda: clock.__setitem__(0, 10.0))
+    # 10 s for cost 1, cost 3 to go: about 30 s left.
+    assert "[1/2] small: 10s (elapsed 10s, about 30s left)" in capsys.readouterr().out
+    costs = stage_costs(ReproduceConfig(quick=True).resolved())
+    assert len(costs) == 14 and costs["train resnet"] == 1.5 * 1 * 6000
