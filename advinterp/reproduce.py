@@ -407,15 +407,12 @@ def _dissect(run: Path, name: str, cfg, progress: bool) -> None:
     model = _load(run, name)
     probe = open_probe("fashion-broden", model, size=cfg.probe_images, seed=cfg.seed)
     folder = run / "dissect" / name
-    adversarial = folder / "adversarial-set"
-    settings = adversarial / "settings.json"
-    if settings.is_file() and read_json(settings).get("n") != len(probe):
-        shutil.rmtree(adversarial)
+    # dissect_model itself rebuilds a set made from another model, probe size or seed.
     result = dissect_model(
         model,
         probe,
         layers=cfg.dissect_layers,
-        adversarial=adversarial,
+        adversarial=folder / "adversarial-set",
         seed=cfg.seed,
         progress=progress,
     )
