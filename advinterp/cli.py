@@ -20,9 +20,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="checkpoint (DIR/model.safetensors from `advinterp train`) or an ImageNet "
         "model name (efficientnet_lite0, or a torchvision/timm name with --weights)",
     )
-    p.add_argument(
-        "--weights", help="weights file (.safetensors, or .pth read with weights_only=True)"
-    )
+    p.add_argument("--weights", help=_weights_help())
+
+
+def _weights_help() -> str:
+    from advinterp.models import WEIGHTS_HELP
+
+    return WEIGHTS_HELP
 
 
 def _data_args(p: argparse.ArgumentParser, split: str = "test") -> None:
@@ -155,8 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list a model's recordable layers with output shapes")
     p.add_argument(
         "model",
-        help="an architecture name (resnet, alexnet, vgg16, resnet18, "
-        "efficientnet_lite0, a torchvision/timm name) or a checkpoint",
+        help="a checkpoint, or a name: resnet, alexnet, vgg16, resnet18 (the 28×28 variants "
+        "`advinterp train --arch` builds; with --weights the ImageNet ones), efficientnet_lite0, "
+        "googlenet, inception_v3 or any torchvision/timm name",
+    )
+    p.add_argument(
+        "--weights",
+        help="weights of a named model (only shapes are listed, so any name works without)",
     )
     p.add_argument("--conv", action="store_true", help="only convolution layers")
     _analysis_parsers(sub)
@@ -183,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"advinterp: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(
             "advinterp: interrupted; finished work is kept (run the same command again: "
@@ -268,17 +280,7 @@ def cmd_advtrain(args) -> int:
 def _open_data(args, model):
     from advinterp.data import open_dataset
 
-    if args.data.startswith("imagefolder:") and args.limit:
-        raise UserError("--limit applies to fashion-mnist only")
-    return open_dataset(
-        args.data,
-        args.split,
-        args.data_root,
-        wnids=model.wnids,
-        input_size=model.input_size,
-        in_chans=model.in_chans,
-        limit=args.limit,
-    )
+    return open_dataset(args.data, args.split, args.data_root, limit=args.limit, model=model)
 
 
 def _check_eps(values: list[float]) -> None:
@@ -360,7 +362,25 @@ def cmd_attack(args) -> int:
 def cmd_layers(args) -> int:
     from advinterp.models import SMALL_ARCHS, create_model, layer_shapes, load_model
 
-    model = create_model(args.model) if args.model in SMALL_ARCHS else load_model(args.model)
+    is_name = (
+        not any(
+            Path(c).is_file()
+            for c in (args.model, args.model + ".json", f"{args.model}/model.json")
+        )
+        and not Path(args.model).suffix
+    )
+    if is_name and args.model in SMALL_ARCHS and args.weights is None:
+        model = create_model(args.model)
+    elif is_name:
+        # Listing shapes needs no trained weights: a bare name is built untrained.
+        model = load_model(args.model, args.weights or "random")
+    else:
+        model = load_model(args.model, args.weights)
+    print(
+        f"# {args.model}: {model.in_chans}×{model.input_size}×{model.input_size} input, "
+        f"{model.num_classes} classes",
+        file=sys.stderr,
+    )
     rows = layer_shapes(model)
     if args.conv:
         rows = [r for r in rows if r[1] == "Conv2d"]
@@ -417,7 +437,14 @@ def _analysis_parsers(sub) -> None:
         "--model",
         action="append",
         required=True,
-        help="checkpoint; repeat --model/--adversarial pairs to put several models on one plot",
+        help="checkpoint or ImageNet model name; repeat --model/--adversarial pairs to put "
+        "several models on one plot",
+    )
+    p.add_argument(
+        "--weights",
+        action="append",
+        help="weights of a --model given by name (one per --model, in order; 'none' for a "
+        "checkpoint): " + _weights_help(),
     )
     p.add_argument(
         "--adversarial",
@@ -624,7 +651,14 @@ def cmd_semantics(args) -> int:
         raise UserError(f"--fraction must be in (0, 1], got {args.fraction:g}")
     if args.reduce not in ("max", "mean"):
         raise UserError(f"unknown --reduce {args.reduce!r}: use max or mean")
-    models = [load_model(spec) for spec in args.model]
+    weights = args.weights or [None] * len(args.model)
+    if len(weights) != len(args.model):
+        raise UserError(
+            f"give one --weights per --model ({len(args.model)}), got {len(weights)}: "
+            "write --weights none for a checkpoint"
+        )
+    weights = [None if w in (None, "none") else w for w in weights]
+    models = [load_model(spec, w) for spec, w in zip(args.model, weights, strict=True)]
     names = _model_names(args.model, models, args.name)
     layers = "conv" if args.layers == ["conv"] else args.layers
     results, extra = [], {}

@@ -158,14 +158,7 @@ def open_paired_sets(
         spec, default_split = data, "test"
     else:
         spec, default_split = _dataset_spec(meta.get("dataset"))
-    dataset = open_dataset(
-        spec,
-        split or default_split,
-        data_root,
-        wnids=getattr(model, "wnids", None),
-        input_size=getattr(model, "input_size", 224),
-        in_chans=getattr(model, "in_chans", 3),
-    )
+    dataset = open_dataset(spec, split or default_split, data_root, model=model)
     return pair_sets(model, dataset, tensors, meta, source=str(folder))
 
 

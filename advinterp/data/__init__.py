@@ -17,9 +17,19 @@ import torch
 from advinterp.data.fashion import CLASSES as FASHION_CLASSES
 from advinterp.data.fashion import load_fashion_mnist
 from advinterp.data.imagefolder import ImageFolderSet
+from advinterp.data.specs import DatasetSpec, check_model_fits, dataset_spec
 from advinterp.errors import UserError
 
-__all__ = ["TensorImageSet", "ImageFolderSet", "open_dataset", "batches", "FASHION_CLASSES"]
+__all__ = [
+    "DatasetSpec",
+    "FASHION_CLASSES",
+    "ImageFolderSet",
+    "TensorImageSet",
+    "batches",
+    "check_model_fits",
+    "dataset_spec",
+    "open_dataset",
+]
 
 
 @dataclass
@@ -55,30 +65,42 @@ def open_dataset(
     input_size: int = 224,
     in_chans: int = 3,
     limit: int | None = None,
+    model=None,
 ):
     """Open a labelled image set by name.
 
     Args:
-        spec: ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
+        spec: ``"fashion-mnist"`` or ``"imagefolder:PATH"`` (see :mod:`advinterp.data.specs`).
         split: ``"train"`` or ``"test"`` (Fashion-MNIST only).
         root: folder of Fashion-MNIST's IDX files (default: Debian's).
         wnids: the model's class list, class index ↔ wnid (image folders only).
         input_size, in_chans: what the model eats (image folders only).
-        limit: keep the first ``limit`` images (Fashion-MNIST only; handy for quick runs).
+        limit: keep the first ``limit`` images (handy for quick runs).
+        model: the model that will read the set: it is checked against the
+            dataset's spec (channels, size, classes; one clear error before any
+            work) and gives ``wnids``, ``input_size`` and ``in_chans``.
     """
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be at least 1, got {limit}")
+    if spec == "imagenet":
+        raise UserError(
+            "ImageNet is not shipped: point at your copy laid out by wnid, "
+            "e.g. --data imagefolder:/data/imagenet/val"
+        )
+    info = dataset_spec(spec)
+    if model is not None:
+        check_model_fits(model, info)
+        wnids, input_size, in_chans = model.wnids, model.input_size, model.in_chans
     if spec == "fashion-mnist":
         x, y = load_fashion_mnist(split, root)
-        names, ids = zip(*FASHION_CLASSES, strict=True)
-        return TensorImageSet(x, y, list(names), list(ids), f"fashion-mnist/{split}").subset(limit)
-    if spec.startswith("imagefolder:"):
-        if wnids is None:
-            raise UserError(
-                "imagefolder data needs a model with a wnid label set (an ImageNet model)"
-            )
-        return ImageFolderSet(
-            spec.split(":", 1)[1], wnids, input_size=input_size, in_chans=in_chans
-        )
-    raise UserError(f"unknown dataset {spec!r}: use 'fashion-mnist' or 'imagefolder:PATH'")
+        return TensorImageSet(
+            x, y, list(info.classes), list(info.wnids), f"fashion-mnist/{split}"
+        ).subset(limit)
+    if wnids is None:
+        raise UserError(f"{spec} needs a model with a wnid label set (an ImageNet model)")
+    return ImageFolderSet(
+        spec.split(":", 1)[1], wnids, input_size=input_size, in_chans=in_chans, limit=limit
+    )
 
 
 def batches(

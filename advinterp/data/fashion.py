@@ -28,6 +28,9 @@ CLASSES: list[tuple[str, str]] = [
     ("Ankle boot", "n02872752"),
 ]
 
+# Pixel statistics of the training split (images in [0, 1]).
+MEAN, STD = (0.2860,), (0.3530,)
+
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),

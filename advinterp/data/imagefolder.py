@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,8 @@ class ImageFolderSet(torch.utils.data.Dataset):
     that cannot be decoded yields ``None`` in place of the tensor, and
     :func:`advinterp.data.batches` drops and counts it. Images are resized so
     the shorter side is ``input_size / 0.875`` and centre-cropped, the usual
-    ImageNet evaluation transform.
+    ImageNet evaluation transform. ``limit`` keeps the first ``limit`` images,
+    taking the classes in turn.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class ImageFolderSet(torch.utils.data.Dataset):
         wnids: Sequence[str],
         input_size: int = 224,
         in_chans: int = 3,
+        limit: int | None = None,
     ):
         root = Path(root)
         if not root.is_dir():
@@ -52,6 +55,14 @@ class ImageFolderSet(torch.utils.data.Dataset):
             self.samples += [(f, index[sub.name]) for f in files]
         if not self.samples:
             raise UserError(f"no images found under {root} (expected {root}/<wnid>/<image>.JPEG)")
+        if limit is not None:
+            # Classes in turn (each one's first image, then each one's second, ...), so a
+            # small limit still spans the classes of a folder sorted by wnid.
+            by_class: dict[int, list[tuple[Path, int]]] = {}
+            for sample in self.samples:
+                by_class.setdefault(sample[1], []).append(sample)
+            rounds = itertools.zip_longest(*by_class.values())
+            self.samples = [s for group in rounds for s in group if s is not None][:limit]
         self.mode = "L" if in_chans == 1 else "RGB"
         self.transform = v2.Compose(
             [

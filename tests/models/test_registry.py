@@ -70,8 +70,60 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "w.safetensors"))
     with pytest.raises(UserError, match="not found"):
         load_model(str(tmp_path / "absent.safetensors"))
-    with pytest.raises(UserError, match="train it first"):
+    with pytest.raises(UserError, match="train it"):
         load_model("resnet")
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18", "googlenet", "timm:resnet50"])
+def test_a_name_without_weights_is_refused_not_random(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty local cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="--weights FILE, --weights imagenet"):
+        load_model(name)
+
+
+def test_paper_archs_load_by_name_at_imagenet_size(tmp_path):
+    """--model resnet18 --weights F is torchvision's ImageNet ResNet-18, labelled by wnid."""
+    import torchvision
+
+    net = torchvision.models.resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    model = load_model("resnet18", weights=str(path))
+    assert (model.in_chans, model.input_size, model.num_classes) == (3, 224, 1000)
+    assert model.wnids[281] == "n02123045" and len(set(model.wnids)) == 1000
+    x = torch.rand(2, 3, 224, 224)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), net.eval()((x - mean) / std), atol=1e-5)
+
+
+def test_cached_torchvision_weights_are_used_offline(tmp_path, monkeypatch):
+    """A file in torchvision's hub cache under its URL's name is found without --weights."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.get_model_weights("alexnet").DEFAULT.url
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    net = torchvision.models.alexnet()
+    torch.save(net.state_dict(), cache / url.rsplit("/", 1)[1])
+    model = load_model("alexnet")
+    assert torch.equal(model.net.features[0].weight, net.features[0].weight)
+
+
+def test_googlenet_without_auxiliary_heads_loads(tmp_path):
+    """A GoogLeNet state dict with or without aux1/aux2 loads; transform_input as torchvision's."""
+    import torchvision
+
+    net = torchvision.models.googlenet(aux_logits=False, init_weights=False)
+    path = tmp_path / "g.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(net.state_dict(), str(path))
+    model = load_model("googlenet", weights=str(path))
+    assert model.net.aux1 is None and model.net.transform_input
 
 
 def test_pth_with_pickled_code_is_refused(tmp_path):
@@ -94,7 +146,7 @@ def test_layers_verb_lists_names_and_shapes():
         check=True,
     ).stdout
     lines = out.splitlines()
-    assert lines[0].split() == ["conv1", "Conv2d", "16×28×28"]
+    assert lines[0].split() == ["conv1", "Conv2d", "16×28×28"]  # the header goes to stderr
     assert any(
         line.split()[0] == "layer3.0.conv2" and line.split()[2] == "64×7×7" for line in lines
     )
