@@ -55,16 +55,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from advinterp import train as train_mod
+from advinterp.attacks.fgsm import fgsm_step
 from advinterp.data import TensorImageSet, open_dataset
 from advinterp.distributed import World, global_batch_norm, joined
 from advinterp.errors import UserError
 from advinterp.io import read_json
 from advinterp.metrics.accuracy import table2
 from advinterp.models import load_model
-from advinterp.record.hooks import resolve_layers
+from advinterp.progress import progress as tqdm
+from advinterp.record import Recorder
 from advinterp.train import check_schedule, sgd
 
 
@@ -132,46 +133,42 @@ def draw_eps(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor
     return lo + (hi - lo) * torch.rand(n, generator=gen)
 
 
-def fgsm_images(x: torch.Tensor, grad: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``clip[0,1](x + ε·sign(grad))`` with one ε per image (eq. 1)."""
-    return (x + eps.view(-1, *([1] * (x.dim() - 1))) * grad.sign()).clamp_(0.0, 1.0)
-
-
 class FeatureTap:
     """Keeps ``φ`` of the latest forward pass (with its autograd graph) in ``self.value``.
 
-    ``"penultimate"``: the input of the last ``nn.Linear`` of ``model.net`` (a
-    forward pre-hook, e.g. on ``fc``); ``"logits"``: nothing is hooked (use the
-    model's output); a layer name: that layer's output.
+    ``"penultimate"``: the input of the last ``nn.Linear`` of ``model.net`` (e.g.
+    of ``fc``); ``"logits"``: nothing is hooked (use the model's output); a layer
+    name: that layer's output. Recorded by a :class:`~advinterp.record.Recorder`
+    that keeps the graph, on every forward pass of the model or of its DDP wrapper.
     """
 
     def __init__(self, model: nn.Module, phi: str):
-        self.phi, self.value, self._handle = phi, None, None
-        net = getattr(model, "net", model)
+        self.phi, self._recorder = phi, None
         if phi == "logits":
             return
         if phi == "penultimate":
-            linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+            net = getattr(model, "net", model)
+            linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
             if not linears:
                 raise UserError("the model has no Linear layer: name a layer with --phi")
-            self._handle = linears[-1].register_forward_pre_hook(self._pre)
+            layer, inputs = linears[-1], True
         else:
-            (name,) = resolve_layers(model, phi)
-            self._handle = dict(net.named_modules())[name].register_forward_hook(self._post)
+            layer, inputs = phi, False
+        self._recorder = Recorder(model, layer, reduce=None, inputs=inputs, keep_graph=True)
+        self._recorder.open()
 
-    def _pre(self, module, args):
-        self.value = args[0]
-
-    def _post(self, module, args, output):
-        self.value = output
+    @property
+    def value(self) -> torch.Tensor | None:
+        if self._recorder is None:
+            return None
+        return next(iter(self._recorder.responses.values()), None)
 
     def features(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.phi == "logits" else self.value
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._recorder is not None:
+            self._recorder.close()
 
 
 def adv_step(model, tap: FeatureTap, x, y, eps, cfg: AdvTrainConfig):
@@ -184,7 +181,7 @@ def adv_step(model, tap: FeatureTap, x, y, eps, cfg: AdvTrainConfig):
     feat_clean = tap.features(logits_clean) if cfg.beta else None
     ce_clean = F.cross_entropy(logits_clean, y, reduction="sum")
     (grad,) = torch.autograd.grad(ce_clean, x, retain_graph=True)
-    x_adv = fgsm_images(x.detach(), grad, eps)
+    x_adv = fgsm_step(x.detach(), grad, eps)
     logits_adv = model(x_adv)
     feat_adv = tap.features(logits_adv) if cfg.beta else None
     loss = consistency_loss(logits_clean, logits_adv, feat_clean, feat_adv, y, cfg.alpha, cfg.beta)

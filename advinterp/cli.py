@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from advinterp.errors import UserError
-
-METHODS = ("fgsm", "bim", "pgd", "mifgsm", "opt")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +20,31 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "model name (efficientnet_lite0, or a torchvision/timm name with --weights)",
     )
     p.add_argument("--weights", help=_weights_help())
+    _device_args(p)
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device", default="auto", help="auto (default: CUDA when available), cpu, cuda or cuda:N"
+    )
+    p.add_argument(
+        "--amp", action="store_true", help="mixed precision (autocast) on CUDA; no effect on a CPU"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes decoding image folders and probes (default min(4, CPUs); "
+        "in-memory sets need none)",
+    )
+
+
+def _device(args):
+    """``--device`` and ``--workers`` checked: ``(torch.device, workers)``."""
+    from advinterp.device import default_workers, resolve_device
+
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers must be 0 (decode in this process) or more, got {args.workers}")
+    return resolve_device(args.device), default_workers() if args.workers is None else args.workers
 
 
 def _weights_help() -> str:
@@ -29,16 +53,31 @@ def _weights_help() -> str:
     return WEIGHTS_HELP
 
 
+def _attack_names() -> list[str]:
+    from advinterp.attacks import ATTACKS
+
+    return list(ATTACKS)
+
+
+def _data_help() -> str:
+    from advinterp.data.specs import dataset_names
+
+    names = [n for n in dataset_names() if n != "imagenet"]
+    return f"{names[0]} (default) or " + " or ".join(names[1:])
+
+
 def _data_args(p: argparse.ArgumentParser, split: str = "test") -> None:
     p.add_argument(
-        "--data", default="fashion-mnist", help="fashion-mnist (default) or imagefolder:PATH"
+        "--data",
+        default="fashion-mnist",
+        help=_data_help() + " (folders named by wnid, e.g. ImageNet's val/n01440764/...)",
     )
     p.add_argument(
         "--data-root",
         help="folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)",
     )
     p.add_argument("--split", default=split, choices=("train", "test"))
-    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N images")
 
 
 def _positive_int(v: str) -> int:
@@ -82,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist")
     p.add_argument("--data-root")
-    p.add_argument("--limit", type=int, help="train on the first N training images only")
+    p.add_argument("--limit", type=_positive_int, help="train on the first N training images only")
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run from its last epoch"
     )
@@ -115,9 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root")
-    p.add_argument("--limit", type=int, help="train on the first N training images only")
+    p.add_argument("--limit", type=_positive_int, help="train on the first N training images only")
     p.add_argument(
-        "--eval-limit", type=int, default=1000, help="test images for per-epoch accuracy"
+        "--eval-limit",
+        type=_positive_int,
+        default=1000,
+        help="test images for per-epoch accuracy",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run from its last epoch"
@@ -137,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
     _data_args(p)
-    p.add_argument("--method", default="opt", help=f"one of {', '.join(METHODS)} (default opt)")
+    p.add_argument(
+        "--method", default="opt", help=f"one of {', '.join(_attack_names())} (default opt)"
+    )
     p.add_argument(
         "--eps", type=float, help="L∞ budget in 0–255 units (fgsm/bim/pgd/mifgsm; default 4)"
     )
@@ -151,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=_positive_int, help="iterations (bim, pgd, mifgsm, opt)")
     p.add_argument("--lam", type=float, help="λ of eq. 4 (opt)")
+    p.add_argument(
+        "--keep",
+        choices=("final", "closest"),
+        help="opt: return the final Adam iterate (eq. 4 as written, the default) or the "
+        "closest one that fools the model",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=250)
     p.add_argument("--out", required=True, help="output folder for the adversarial set")
@@ -245,8 +295,6 @@ def cmd_advtrain(args) -> int:
     from advinterp.advtrain import AdvTrainConfig, advtrain
     from advinterp.distributed import is_main_process
 
-    if args.limit is not None and args.limit < 1 or args.eval_limit < 1:
-        raise UserError("--limit and --eval-limit must be at least 1")
     cfg = AdvTrainConfig(
         init=args.init,
         epochs=args.epochs,
@@ -292,16 +340,24 @@ def _check_eps(values: list[float]) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from advinterp.device import autocast
     from advinterp.io import write_json
     from advinterp.metrics.accuracy import format_table2, table2
     from advinterp.models import load_model
 
     _check_eps(args.eps)
-    model = load_model(args.model, args.weights)
+    device, workers = _device(args)
+    model = load_model(args.model, args.weights).to(device)
     data = _open_data(args, model)
-    row = table2(
-        model, data, eps=[e / 255 for e in args.eps], batch_size=args.batch_size, progress=True
-    )
+    with autocast(device, args.amp):
+        row = table2(
+            model,
+            data,
+            eps=[e / 255 for e in args.eps],
+            batch_size=args.batch_size,
+            progress=True,
+            workers=workers,
+        )
     name = getattr(model, "config", {}).get("name", args.model)
     print(format_table2({name: row}))
     if args.out:
@@ -312,11 +368,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_attack(args) -> int:
     from advinterp.attacks.advset import build_adversarial_set
+    from advinterp.device import autocast
     from advinterp.distributed import joined
     from advinterp.models import load_model
 
-    if args.method not in METHODS:
-        raise UserError(f"unknown attack method {args.method!r}: choose from {', '.join(METHODS)}")
+    if args.method not in _attack_names():
+        raise UserError(
+            f"unknown attack method {args.method!r}: choose from {', '.join(_attack_names())}"
+        )
     _check_eps([] if args.eps is None else [args.eps])
     target = args.target
     if target not in ("least-likely", "random"):
@@ -326,14 +385,16 @@ def cmd_attack(args) -> int:
             raise UserError(
                 f"unknown target {target!r}: use least-likely, random or a class index"
             ) from None
-    model = load_model(args.model, args.weights)
+    device, workers = _device(args)
+    model = load_model(args.model, args.weights).to(device)
     if isinstance(target, int) and not 0 <= target < model.num_classes:
         raise UserError(f"target class {target} is outside 0..{model.num_classes - 1}")
     data = _open_data(args, model)
-    kwargs = {k: v for k, v in (("steps", args.steps), ("lam", args.lam)) if v is not None}
+    options = (("steps", args.steps), ("lam", args.lam), ("keep", args.keep))
+    kwargs = {k: v for k, v in options if v is not None}
     t0 = time.perf_counter()
     # Under torchrun each process attacks its share of the chunks (see build_adversarial_set).
-    with joined() as world:
+    with joined() as world, autocast(device, args.amp):
         meta = build_adversarial_set(
             model,
             data,
@@ -346,6 +407,7 @@ def cmd_attack(args) -> int:
             batch_size=args.batch_size,
             resume=args.resume,
             model_spec=args.model,
+            workers=workers,
             **kwargs,
         )
     if not world.is_main:  # process 0 speaks for all
@@ -353,8 +415,13 @@ def cmd_attack(args) -> int:
     s = meta["stats"]
     print(
         f"{args.method}: success {100 * s['success_rate']:.1f}%, mean L2 {s['mean_l2']:.4f}, "
-        f"mean L∞ {s['mean_linf'] * 255:.2f}/255 over {meta['n']} images "
-        f"({time.perf_counter() - t0:.0f}s); written to {args.out}"
+        f"mean L∞ {s['mean_linf'] * 255:.2f}/255 over {s['attacked']} images"
+        + (
+            f" ({meta['n'] - s['attacked']} undecodable skipped)"
+            if meta["n"] > s["attacked"]
+            else ""
+        )
+        + f" ({time.perf_counter() - t0:.0f}s); written to {args.out}"
     )
     return 0
 
@@ -462,6 +529,7 @@ def _analysis_parsers(sub) -> None:
     )
     p.add_argument("--reduce", default="max", help="a unit's response: max (default) or mean")
     _semantic_args(p)
+    _device_args(p)
     p.add_argument("--out", required=True, help="output folder (units.csv, fig10.png, JSON)")
 
     p = sub.add_parser(
@@ -484,6 +552,19 @@ def _analysis_parsers(sub) -> None:
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of training, attacks and the probe (0)"
+    )
+    p.add_argument(
+        "--keep",
+        choices=("final", "closest"),
+        default="final",
+        help="the opt attack's image: its final Adam iterate (eq. 4 as written, default) or "
+        "the closest one that fools the model",
+    )
+    p.add_argument(
+        "--lam",
+        type=float,
+        help="one λ of eq. 4 for every model, 20 steps (default: per model, the first of 10, "
+        "30, 100, 300 whose attack fools ≥ 95%% of the images, then 40 and 80 steps at 300)",
     )
     p.add_argument(
         "--data-root",
@@ -531,7 +612,6 @@ def _analysis_parsers(sub) -> None:
     p.add_argument(
         "--batch-size", type=_positive_int, default=100, help="images per forward pass (100)"
     )
-    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack (0)")
     p.add_argument(
         "--out",
@@ -572,34 +652,39 @@ def _class_wnids(args, model) -> list[str] | None:
 
 def cmd_topk(args) -> int:
     from advinterp.analysis import open_paired_sets, unit_galleries, write_galleries
+    from advinterp.device import autocast
     from advinterp.metrics.wordnet import class_distance_matrix
     from advinterp.models import load_model
 
     if args.sigma <= 0:
         raise UserError(f"--sigma must be positive, got {args.sigma:g}")
-    model = load_model(args.model, args.weights)
+    device, workers = _device(args)
+    model = load_model(args.model, args.weights).to(device)
     wnids = _class_wnids(args, model)
-    pairs = open_paired_sets(model, args.adversarial, args.data, args.split, args.data_root)
+    pairs = open_paired_sets(
+        model, args.adversarial, args.data, args.split, args.data_root, workers=workers
+    )
     options = {k: v for k, v in (("patch", args.patch), ("stride", args.stride)) if v}
     if options and args.saliency != "discrepancy":
         raise UserError("--patch and --stride apply to --saliency discrepancy only")
-    galleries = unit_galleries(
-        model,
-        pairs,
-        args.layer,
-        units=args.units,
-        select=args.select,
-        count=args.count,
-        seed=args.seed,
-        k=args.k,
-        saliency=args.saliency,
-        distances=class_distance_matrix(wnids) if wnids else None,
-        sigma=args.sigma,
-        box_distance=args.box_distance,
-        batch_size=args.batch_size,
-        progress=True,
-        **options,
-    )
+    with autocast(device, args.amp):
+        galleries = unit_galleries(
+            model,
+            pairs,
+            args.layer,
+            units=args.units,
+            select=args.select,
+            count=args.count,
+            seed=args.seed,
+            k=args.k,
+            saliency=args.saliency,
+            distances=class_distance_matrix(wnids) if wnids else None,
+            sigma=args.sigma,
+            box_distance=args.box_distance,
+            batch_size=args.batch_size,
+            progress=True,
+            **options,
+        )
     out = Path(args.out)
     data = write_galleries(
         galleries, out, extra={"model": args.model, "adversarial": str(args.adversarial)}
@@ -637,6 +722,7 @@ def _model_names(specs: list[str], models: list, names: list[str] | None) -> lis
 
 def cmd_semantics(args) -> int:
     from advinterp.analysis import model_semantics, open_paired_sets, write_semantics
+    from advinterp.device import autocast
     from advinterp.metrics.wordnet import similarity_matrix
     from advinterp.models import load_model
 
@@ -658,7 +744,8 @@ def cmd_semantics(args) -> int:
             "write --weights none for a checkpoint"
         )
     weights = [None if w in (None, "none") else w for w in weights]
-    models = [load_model(spec, w) for spec, w in zip(args.model, weights, strict=True)]
+    device, workers = _device(args)
+    models = [load_model(spec, w).to(device) for spec, w in zip(args.model, weights, strict=True)]
     names = _model_names(args.model, models, args.name)
     layers = "conv" if args.layers == ["conv"] else args.layers
     results, extra = [], {}
@@ -668,18 +755,19 @@ def cmd_semantics(args) -> int:
             raise UserError(
                 f"model {spec} has no WordNet synsets for its classes: pass --synsets FILE"
             )
-        pairs = open_paired_sets(model, adv, args.data, args.split, args.data_root)
-        result = model_semantics(
-            model,
-            pairs,
-            similarity_matrix(wnids, args.sigma),
-            layers=layers,
-            fraction=args.fraction,
-            reduce=args.reduce,
-            batch_size=args.batch_size,
-            name=name,
-            progress=True,
-        )
+        pairs = open_paired_sets(model, adv, args.data, args.split, args.data_root, workers=workers)
+        with autocast(device, args.amp):
+            result = model_semantics(
+                model,
+                pairs,
+                similarity_matrix(wnids, args.sigma),
+                layers=layers,
+                fraction=args.fraction,
+                reduce=args.reduce,
+                batch_size=args.batch_size,
+                name=name,
+                progress=True,
+            )
         results.append(result)
         extra[name] = {"model": spec, "adversarial": str(adv)}
         summary = result.summary(args.bins)
@@ -709,6 +797,7 @@ def cmd_dissect(args) -> int:
         write_dissection,
     )
     from advinterp.data.broden import open_probe
+    from advinterp.device import autocast
     from advinterp.io import out_folder
     from advinterp.models import load_model
 
@@ -716,10 +805,9 @@ def cmd_dissect(args) -> int:
         raise UserError(f"--iou-threshold must be in [0, 1], got {args.iou_threshold}")
     if not 0 < args.quantile < 1:
         raise UserError(f"--quantile must be in (0, 1), got {args.quantile}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 (decode in this process) or more, got {args.workers}")
+    device, workers = _device(args)
     # Everything a user can get wrong is checked before the probe is written or read.
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights).to(device)
     if args.layer:
         map_layers(model, args.layer)
     out = out_folder(args.out)
@@ -737,17 +825,18 @@ def cmd_dissect(args) -> int:
         f"categories {', '.join(probe.category_names)}"
     )
     try:
-        result = dissect_model(
-            model,
-            probe,
-            layers=args.layer,
-            adversarial=out / "adversarial-set" if args.adversarial else None,
-            quantile=args.quantile,
-            iou_threshold=args.iou_threshold,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            workers=args.workers,
-        )
+        with autocast(device, args.amp):
+            result = dissect_model(
+                model,
+                probe,
+                layers=args.layer,
+                adversarial=out / "adversarial-set" if args.adversarial else None,
+                quantile=args.quantile,
+                iou_threshold=args.iou_threshold,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                workers=workers,
+            )
     except KeyboardInterrupt:
         kept = " (the finished shards of the adversarial set are kept)" if args.adversarial else ""
         print(
@@ -774,7 +863,16 @@ def cmd_reproduce(args) -> int:
     archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     if not archs:
         raise UserError("--archs is empty: name at least one architecture, e.g. resnet")
-    cfg = ReproduceConfig(archs=archs, quick=args.quick, seed=args.seed, data_root=args.data_root)
+    if args.lam is not None and not (args.lam > 0 and math.isfinite(args.lam)):
+        raise UserError(f"--lam must be a positive number, got {args.lam:g}")
+    cfg = ReproduceConfig(
+        archs=archs,
+        quick=args.quick,
+        seed=args.seed,
+        keep=args.keep,
+        lam=args.lam,
+        data_root=args.data_root,
+    )
     try:
         summary = reproduce(cfg, args.out)
     except KeyboardInterrupt:

@@ -7,13 +7,22 @@ checkpoints it reads) are unchanged:
 2. ``advtrain``: ``<arch>-Adv`` (consistency loss, β = 1) and ``<arch>-AT``
    (β = 0), fine-tuned from it;
 3. ``table2``: clean and FGSM top-1/top-5 at ε = 4, 8, 16 (``RUN/table2.json``);
-4. ``attack``: per model, the paper's ``opt`` set on test images (``RUN/adv/``);
-5. ``semantics``: LC, CS1, CS2 of every conv unit, Fig. 10 with all models
+4. ``robustness`` and ``autoattack``: per test image, top-1 right or not, clean and
+   under FGSM (every image of Table 2), PGD-20 and AutoAttack (the first ones) at
+   ε = 4 (``RUN/robustness/``);
+5. ``strength``: per model, the λ (and if need be the steps) at which its ``opt``
+   attack fools ≥ 95% of the first test images (``RUN/adv/<model>-strength.json``);
+6. ``attack``: per model, the paper's ``opt`` set on test images at that strength
+   (``RUN/adv/``);
+7. ``semantics``: LC, CS1, CS2 of every conv unit, Fig. 10 with all models
    (``RUN/semantics/``);
-6. ``galleries``: Fig. 2-style galleries of one layer per model (``RUN/galleries/``);
-7. ``dissect``: Table 1, real vs adversarial probe images (``RUN/dissect/``);
-8. ``summary.json`` (``table1``, ``table2``, ``fig10``, the paper's numbers, one
-   line per claim saying whether it held) and the HTML report (``RUN/report/``).
+8. ``galleries``: Fig. 2-style galleries of one layer per model (``RUN/galleries/``);
+9. ``dissect``: Table 1, real vs adversarial probe images, and Table 1 on resamples
+   of the probe images (``RUN/dissect/<model>/``); the untrained ``<arch>-random``
+   on real images, Table 1's floor;
+10. ``summary.json`` (``table1``, ``table2``, ``fig10``, ``attacks``, the paper's
+    numbers, and per claim its estimate, 95% bootstrap interval and verdict: see
+    :func:`findings`) and the HTML report (``RUN/report/``).
 
 A killed run started again with the same command resumes: finished stages are
 skipped, training and attacks continue from their last checkpoint or shard.
@@ -25,16 +34,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from advinterp.errors import UserError
 from advinterp.io import read_json, write_json
 
-__all__ = ["ReproduceConfig", "PAPER", "findings", "reproduce"]
+__all__ = ["Evidence", "ReproduceConfig", "PAPER", "findings", "reproduce", "verdict"]
 
 # The paper's numbers for the architecture we mirror (Dong et al. 2022, Tables 1 and 2;
 # ImageNet/Broden). Its Table 2 row for ResNet-18-Adv is not in the text we have.
@@ -73,10 +86,24 @@ class ReproduceConfig:
     eval_limit: int | None = None
     attack_images: int | None = None
     probe_images: int | None = None
+    # Table 2's stronger attacks run on the first test images only (their cost).
+    pgd_images: int | None = None
+    autoattack_images: int | None = None
     eps: Sequence[float] = (4, 8, 16)
     dissect_layers: Sequence[str] = ("layer1", "layer2", "layer3")
     gallery_units: int = 8
     saliency: str = "discrepancy"
+    # The opt attack's iterate: "final" (eq. 4 as written) or "closest" successful one.
+    keep: str = "final"
+    # Equal attacks: each model's λ is the first of ``lam_grid`` whose opt attack (20 steps)
+    # fools ``success_target`` of the first ``lam_images`` test images; failing that, the
+    # largest λ with the first of ``steps_grid``'s longer runs that does. ``lam`` fixes λ
+    # (20 steps) instead.
+    lam: float | None = None
+    lam_grid: Sequence[float] = (10, 30, 100, 300)
+    steps_grid: Sequence[int] = (40, 80)
+    success_target: float = 0.95
+    lam_images: int | None = None
     data_root: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -89,6 +116,8 @@ class ReproduceConfig:
         values["archs"] = tuple(self.archs)
         values["eps"] = tuple(self.eps)
         values["dissect_layers"] = tuple(self.dissect_layers)
+        values["lam_grid"] = tuple(self.lam_grid)
+        values["steps_grid"] = tuple(self.steps_grid)
         return ReproduceConfig(**values)
 
 
@@ -101,6 +130,9 @@ DEFAULT = dict(
     eval_limit=None,
     attack_images=4000,
     probe_images=3000,
+    pgd_images=1000,
+    autoattack_images=100,
+    lam_images=500,
 )
 QUICK = dict(
     train_epochs=1,
@@ -110,6 +142,9 @@ QUICK = dict(
     eval_limit=1000,
     attack_images=300,
     probe_images=300,
+    pgd_images=200,
+    autoattack_images=0,  # its cost is mostly fixed: minutes even on a handful of images
+    lam_images=100,
 )
 
 
@@ -133,14 +168,26 @@ def stage_costs(cfg: ReproduceConfig) -> dict[str, float]:
         for name in (f"{arch}-Adv", f"{arch}-AT"):
             costs[f"advtrain {name}"] = 2.8 * cfg.adv_epochs * adv_images
     costs["table2"] = 0.75 * len(names) * eval_images * (0.4 + len(cfg.eps))
+    costs["robustness"] = len(names) * (0.75 * eval_images * 1.4 + 21 * cfg.pgd_images)
+    # AutoAttack's four attacks: about 4 s an image on one core, most on robust images.
+    costs["autoattack"] = len(names) * 4000 * cfg.autoattack_images
+    for name in names:  # the opt attack's 20 steps, at one to four λ, then 40 and 80
+        costs[f"strength {name}"] = 17.5 * cfg.lam_images * (1 if cfg.lam else 4)
     for name in names:
-        costs[f"attack {name}"] = 17.5 * cfg.attack_images  # the opt attack's 20 steps
+        costs[f"attack {name}"] = 17.5 * cfg.attack_images * 2  # 20 to 80 steps
     costs["semantics"] = len(names) * 2 * cfg.attack_images * 0.4
     for name in names:
         costs[f"galleries {name}"] = 20000.0  # the occlusion maps of 8 units
     for name in names:
         costs[f"dissect {name}"] = 30 * cfg.probe_images  # the attack, two passes, PNGs
+    for arch in cfg.archs:
+        costs[f"dissect {random_name(arch)}"] = 3 * cfg.probe_images  # two passes, real only
     return costs
+
+
+def random_name(arch: str) -> str:
+    """The name of ``arch`` with random weights, Table 1's floor: ``resnet-random``."""
+    return f"{arch}-random"
 
 
 class _Stages:
@@ -224,13 +271,40 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
 
     table2_key = {"models": fingerprints, "eps": cfg.eps, "limit": cfg.eval_limit, **data}
     stages("table2", table2_key, [run / "table2.json"], lambda: _table2(run, names, cfg))
+    robust_key = {"models": fingerprints, "eps": cfg.eps[0], "limit": cfg.eval_limit, **data}
+    robust_key |= {"pgd": {"images": cfg.pgd_images, "steps": PGD_STEPS}}
+    stages(
+        "robustness",
+        robust_key,
+        [run / "robustness" / "correct.safetensors", run / "robustness" / "pgd.safetensors"],
+        lambda: _robustness(run, names, cfg),
+    )
+    aa_key = {"models": fingerprints, "eps": cfg.eps[0], "images": cfg.autoattack_images, **data}
+    stages(
+        "autoattack",
+        aa_key,
+        [run / "robustness" / "autoattack.json"],
+        lambda: _autoattack(run, names, cfg),
+    )
 
     for name in names:
-        key = {"model": fingerprints[name], "n": cfg.attack_images, **data}
+        key = {"model": fingerprints[name], "n": cfg.lam_images, "keep": cfg.keep, **data}
+        key |= {"lam": cfg.lam, "grid": cfg.lam_grid, "steps": cfg.steps_grid}
+        key |= {"target": cfg.success_target}
+        stages(
+            f"strength {name}",
+            key,
+            [_strength_file(run, name)],
+            lambda n=name: _strength(run, n, cfg),
+        )
+    attacks = {name: _attack_options(run, name, cfg) for name in names}
+    for name in names:
+        key = {"model": fingerprints[name], "n": cfg.attack_images, "attack": attacks[name]}
+        key |= data
         adv = run / "adv" / f"{name}-opt"
         stages(f"attack {name}", key, [adv / "attack.json"], lambda n=name: _attack(run, n, cfg))
 
-    sem_key = {"models": fingerprints, "n": cfg.attack_images, **data}
+    sem_key = {"models": fingerprints, "n": cfg.attack_images, "attack": attacks, **data}
     stages(
         "semantics",
         sem_key,
@@ -239,7 +313,7 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
     )
     for name in names:
         key = {"model": fingerprints[name], "n": cfg.attack_images, "units": cfg.gallery_units}
-        key |= {"saliency": cfg.saliency, **data}
+        key |= {"saliency": cfg.saliency, "attack": attacks[name], **data}
         stages(
             f"galleries {name}",
             key,
@@ -248,12 +322,21 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
         )
     for name in names:
         key = {"model": fingerprints[name], "n": cfg.probe_images, "layers": cfg.dissect_layers}
-        key |= {**data}
+        key |= {"attack": attacks[name], **data}
         stages(
             f"dissect {name}",
             key,
-            [run / "dissect" / name / "table1.json"],
+            [run / "dissect" / name / "table1.json", run / "dissect" / name / "bootstrap.json"],
             lambda n=name: _dissect(run, n, cfg, progress),
+        )
+    for arch in cfg.archs:
+        floor = random_name(arch)
+        key = {"arch": arch, "n": cfg.probe_images, "layers": cfg.dissect_layers, **data}
+        stages(
+            f"dissect {floor}",
+            key,
+            [run / "dissect" / floor / "table1.json", run / "dissect" / floor / "bootstrap.json"],
+            lambda a=arch: _dissect_random(run, a, cfg, progress),
         )
     summary = _summary(run, names, cfg, stages.timings)
     write_json(run / "summary.json", summary)
@@ -334,13 +417,109 @@ def _table2(run: Path, names, cfg) -> None:
     write_json(run / "table2.json", rows)
 
 
+#: PGD for Table 2: 20 steps of 2.5·ε/20 from a random start (Madry et al.), at Table 2's ε.
+PGD_STEPS = 20
+
+
+def _robustness(run: Path, names, cfg) -> None:
+    """Per test image of Table 2 and per model, whether its top-1 prediction is right,
+    clean and under FGSM at the first ε (as Table 2 computes it; ``correct.safetensors``),
+    and under PGD-20 at that ε on the first ``pgd_images`` (``pgd.safetensors``): what
+    Table 2's PGD column and the intervals of the accuracy claims come from."""
+    from advinterp.attacks import FGSM, make_attack
+    from advinterp.attacks.fgsm import fgsm_step
+    from advinterp.data import batches
+    from advinterp.io import save_tensors
+
+    data = _test_set(cfg, cfg.eval_limit)
+    eps = cfg.eps[0] / 255
+    correct = {}
+    for name in names:
+        model = _load(run, name).eval()
+        attack = FGSM(model, eps=eps)
+        clean, fgsm = [], []
+        for x, y, _ in batches(data, 250):
+            with torch.inference_mode():
+                clean.append(model(x).argmax(1) == y)
+            grad = attack.loss_grad(x, y, None)
+            with torch.inference_mode():
+                fgsm.append(model(fgsm_step(x, grad, attack.eps)).argmax(1) == y)
+        correct[f"{name}/clean"] = torch.cat(clean).to(torch.uint8)
+        correct[f"{name}/fgsm"] = torch.cat(fgsm).to(torch.uint8)
+    save_tensors(run / "robustness" / "correct.safetensors", correct)
+
+    def pgd(model):
+        return make_attack("pgd", model, eps=eps, steps=PGD_STEPS, seed=cfg.seed)
+
+    right = _attacked_correct(run, names, cfg, "pgd20", cfg.pgd_images, pgd)
+    save_tensors(run / "robustness" / "pgd.safetensors", right)
+
+
+def _attacked_correct(run: Path, names, cfg, label: str, n: int, attack_for) -> dict:
+    """Per model and image of the first ``n`` test images, top-1 right under the attack
+    ``attack_for(model)`` (untargeted, true labels) or not: ``{"<model>/<label>": uint8}``."""
+    from advinterp.attacks.base import predict_logits
+
+    data = _test_set(cfg, n)
+    x, y = data.images.float() / 255, data.labels
+    out = {}
+    for name in names:
+        model = _load(run, name).eval()
+        x_adv = attack_for(model).run(x, y, batch_size=250, progress=True)
+        right = predict_logits(model, x_adv).argmax(1) == y
+        out[f"{name}/{label}"] = right.to(torch.uint8)
+    return out
+
+
+def _autoattack(run: Path, names, cfg) -> None:
+    """AutoAttack (Croce & Hein 2020; torchattacks' standard version: APGD-CE, APGD-T,
+    FAB-T, Square) at Table 2's first ε on the first ``autoattack_images`` test images,
+    where torchattacks is installed (the ``attacks`` extra): ``autoattack.safetensors``
+    per image, ``autoattack.json`` saying what ran."""
+    from advinterp.attacks.adapter import TorchattacksAdapter
+    from advinterp.io import save_tensors
+
+    try:
+        import torchattacks
+    except ImportError:
+        write_json(run / "robustness" / "autoattack.json", {"available": False, "images": 0})
+        return
+    if not cfg.autoattack_images:
+        write_json(run / "robustness" / "autoattack.json", {"available": True, "images": 0})
+        (run / "robustness" / "autoattack.safetensors").unlink(missing_ok=True)
+        return
+
+    def autoattack(model):
+        aa = torchattacks.AutoAttack(
+            model,
+            norm="Linf",
+            eps=cfg.eps[0] / 255,
+            version="standard",
+            n_classes=model.num_classes,
+            seed=cfg.seed,  # else its attacks draw their starts from the clock
+        )
+        return TorchattacksAdapter(aa, seed=cfg.seed)
+
+    right = _attacked_correct(run, names, cfg, "autoattack", cfg.autoattack_images, autoattack)
+    save_tensors(run / "robustness" / "autoattack.safetensors", right)
+    write_json(
+        run / "robustness" / "autoattack.json",
+        {"available": True, "version": "standard", "images": cfg.autoattack_images},
+    )
+
+
 def _attack(run: Path, name: str, cfg) -> None:
     from advinterp.attacks.advset import build_adversarial_set
 
     folder = run / "adv" / f"{name}-opt"
     settings = folder / "settings.json"
-    if settings.is_file() and read_json(settings).get("n") != cfg.attack_images:
-        shutil.rmtree(folder)
+    options = _attack_options(run, name, cfg)
+    if settings.is_file():
+        saved = read_json(settings)
+        if saved.get("n") != cfg.attack_images or any(
+            saved.get(k) != v for k, v in options.items()
+        ):
+            shutil.rmtree(folder)  # another size or attack: start over
     build_adversarial_set(
         _load(run, name),
         _test_set(cfg, cfg.attack_images),
@@ -351,6 +530,71 @@ def _attack(run: Path, name: str, cfg) -> None:
         seed=cfg.seed,
         resume=True,
         model_spec=str(run / name / "model.safetensors"),
+        **options,
+    )
+
+
+def _attack_options(run: Path, name: str, cfg) -> dict:
+    """The opt attack's options for ``name``: the iterate it keeps, its λ and steps (from
+    the strength stage)."""
+    strength = read_json(_strength_file(run, name))
+    return {"keep": cfg.keep, "lam": strength["lam"], "steps": strength["steps"]}
+
+
+def _strength_file(run: Path, name: str) -> Path:
+    return run / "adv" / f"{name}-strength.json"
+
+
+def _strength(run: Path, name: str, cfg) -> None:
+    """Equal attacks: the strength at which ``name``'s opt attack reaches the target
+    success rate on the first ``lam_images`` test images. First λ, at the paper's 20 steps:
+    the first of ``lam_grid`` that does. Adam's step does not grow with the gradient, so
+    past the λ where the classification term dominates, λ barely changes how far 20 steps
+    reach; a model they do not fool enough gets the largest λ with the first of
+    ``steps_grid``'s longer runs that does (the last tried if none does). ``cfg.lam``
+    fixes λ at 20 steps instead. A model that resists the attack would otherwise be
+    compared on images still what they were."""
+    from advinterp.attacks import attack_stats, make_attack
+    from advinterp.attacks.opt import DEFAULT_STEPS
+
+    data = _test_set(cfg, cfg.lam_images)
+    x, y = data.images.float() / 255, data.labels
+    model = _load(run, name)
+    if cfg.lam:
+        grid = [(cfg.lam, DEFAULT_STEPS)]
+    else:
+        grid = [(lam, DEFAULT_STEPS) for lam in cfg.lam_grid]
+        grid += [(cfg.lam_grid[-1], steps) for steps in cfg.steps_grid]
+    tried = []
+    for lam, steps in grid:
+        attack = make_attack("opt", model, lam=lam, steps=steps, keep=cfg.keep, seed=cfg.seed)
+        x_adv = attack.run(x, y, batch_size=250, progress=True)
+        stats = attack_stats(model, x, x_adv, y, target=attack.targets_for(x, y))
+        tried.append(
+            {
+                "lam": lam,
+                "steps": steps,
+                "success_rate": stats["success_rate"],
+                "mean_l2": stats["mean_l2"],
+            }
+        )
+        print(
+            f"{name}: opt λ={lam:g}, {steps} steps: success {100 * stats['success_rate']:.1f}%",
+            flush=True,
+        )
+        if stats["success_rate"] >= cfg.success_target:
+            break
+    write_json(
+        _strength_file(run, name),
+        {
+            "lam": tried[-1]["lam"],
+            "steps": tried[-1]["steps"],
+            "reached": tried[-1]["success_rate"] >= cfg.success_target,
+            "target": cfg.success_target,
+            "images": len(y),
+            "keep": cfg.keep,
+            "tried": tried,
+        },
     )
 
 
@@ -413,84 +657,422 @@ def _dissect(run: Path, name: str, cfg, progress: bool) -> None:
         probe,
         layers=cfg.dissect_layers,
         adversarial=folder / "adversarial-set",
+        attack_options=_attack_options(run, name, cfg),
         seed=cfg.seed,
         progress=progress,
+        per_image=True,
     )
     write_dissection(result, folder, name=name)
+    write_json(folder / "bootstrap.json", _table1_resamples(result, len(probe), cfg.seed))
 
 
-def _slope(bins: list[dict], key: str) -> float | None:
-    """Least-squares slope of ``key`` against LC over the bins, weighted by their units."""
-    points = [(b["lc"], b[key], b["n_units"]) for b in bins if b.get(key) is not None]
-    weight = sum(w for _, _, w in points)
-    if len(points) < 2 or weight == 0:
-        return None
-    mx = sum(x * w for x, _, w in points) / weight
-    my = sum(y * w for _, y, w in points) / weight
-    var = sum(w * (x - mx) ** 2 for x, _, w in points)
-    if var == 0:
-        return None
-    return sum(w * (x - mx) * (y - my) for x, y, w in points) / var
+def _dissect_random(run: Path, arch: str, cfg, progress: bool) -> None:
+    """Table 1's floor: ``arch`` untrained (random weights drawn with seed 0) dissected on
+    the same probe and layers, real images only. Network Dissection's paper reads its
+    shares against the same control."""
+    from advinterp.analysis.dissection import dissect_model, write_dissection
+    from advinterp.data.broden import open_probe
+    from advinterp.models import create_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = create_model(arch).eval()
+    probe = open_probe("fashion-broden", model, size=cfg.probe_images, seed=cfg.seed)
+    folder = run / "dissect" / random_name(arch)
+    result = dissect_model(
+        model, probe, layers=cfg.dissect_layers, seed=cfg.seed, progress=progress, per_image=True
+    )
+    write_dissection(result, folder, name=random_name(arch))
+    write_json(folder / "bootstrap.json", _table1_resamples(result, len(probe), cfg.seed))
 
 
-def findings(summary: dict, arch: str) -> list[dict]:
-    """One line per claim of the paper: did it hold on this run's data?"""
-    normal, adv = arch, f"{arch}-Adv"
-    t1, t2, fig10 = summary["table1"], summary["table2"], summary["fig10"]
+def _table1_resamples(result, n_images: int, seed: int) -> dict:
+    """Table 1 on :data:`DRAWS` resamples of the probe images: per side, each resample's
+    count of interpretable units per category (all dissected layers). The resamples
+    depend only on the number of images and the seed, so every model on the same probe
+    gets the same ones."""
+    from advinterp.stats.bootstrap import resample_counts
+
+    weights = resample_counts(n_images, DRAWS, seed)
+    out = {
+        "draws": DRAWS,
+        "seed": seed,
+        "images": n_images,
+        "units": sum(d.iou.shape[0] for d in result.real.values()),
+        "categories": next(iter(result.real.values())).categories,
+    }
+    for side, layers in result.sides().items():
+        counts = sum(d.interpretable_resampled(weights) for d in layers.values())
+        out[side] = counts.tolist()
+    return out
+
+
+# -- the paper's claims, each judged on a 95% bootstrap interval ---------------------------
+
+#: Bootstrap resamples behind every interval, and the intervals' level.
+DRAWS = 2000
+LEVEL = 0.95
+#: The clean top-1 the paper's adversarially fine-tuned models give up: 1–5 points.
+CLEAN_COST_POINTS = 5.0
+HELD = {"holds": True, "fails": False, "undecided": None}
+
+
+def verdict(low: float | None, high: float | None, bound: float = 0.0, above: bool = True) -> str:
+    """Judge the claim "the quantity lies above ``bound``" (below it when ``above`` is False)
+    on the quantity's interval ``[low, high]``: ``"holds"`` when the whole interval lies on
+    the claim's side of ``bound`` (for a plain claim of an effect, ``bound`` is "no
+    effect", 0), ``"fails"`` when none of it does, ``"undecided"`` when it straddles the
+    bound or is unknown."""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "undecided"
+    if not above:
+        low, high, bound = -high, -low, -bound
+    if low > bound:
+        return "holds"
+    if high <= bound:
+        return "fails"
+    return "undecided"
+
+
+@dataclass
+class Evidence:
+    """What the intervals resample, read from a run's stage outputs.
+
+    ``probe``: model → side (``real``/``adversarial``) → ``B×K`` counts of interpretable
+    units per category on ``B`` resamples of the probe images, the same resamples for every
+    model (so models are compared image by image); ``probe_units``: model → units dissected.
+    ``units``: model → column of ``units.csv`` (``lc``, ``cs1``, ``cs2``, ``cs1_successful``)
+    → one value per unit. ``images``: model → measure (``clean``, ``fgsm``) → per test
+    image, top-1 correct or not, on the same images for every model.
+    """
+
+    probe: dict = field(default_factory=dict)
+    probe_units: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
+    draws: int = DRAWS
+    seed: int = 0
+
+
+def _interval(replicates) -> list[float | None]:
+    from advinterp.stats.bootstrap import percentile_interval
+
+    low, high = percentile_interval(replicates, LEVEL)
+    return [None if math.isnan(low) else low, None if math.isnan(high) else high]
+
+
+def _claim(text, estimate, replicates, bound=0.0, above=True, unit="", detail="") -> dict:
+    low, high = _interval(replicates)
+    v = verdict(low, high, bound, above)
+    estimate = None if estimate is None or not math.isfinite(estimate) else float(estimate)
+    return {
+        "claim": text,
+        "verdict": v,
+        "held": HELD[v],
+        "estimate": estimate,
+        "interval": [low, high],
+        "bound": bound,
+        "above": above,
+        "unit": unit,
+        "detail": detail,
+    }
+
+
+def _all_parts(text: str, parts: list[dict], detail: str = "") -> dict:
+    """A claim made of parts: holds when every part holds, fails when one fails."""
+    verdicts = [p["verdict"] for p in parts]
+    v = (
+        "fails"
+        if "fails" in verdicts
+        else "holds"
+        if all(x == "holds" for x in verdicts)
+        else "undecided"
+    )
+    first = parts[0]
+    return {
+        **first,
+        "claim": text,
+        "verdict": v,
+        "held": HELD[v],
+        "detail": detail,
+        "parts": parts,
+    }
+
+
+def findings(summary: dict, arch: str, evidence: Evidence) -> list[dict]:
+    """The paper's claims about ``arch`` and its fine-tuned models, each with its estimate,
+    95% interval and verdict (:func:`verdict`): Table 1 shares resampled over the probe
+    images, Fig. 10 slopes and mean CS1 over units, accuracies over test images."""
+    from advinterp.stats.bootstrap import resample_counts, weighted_mean, weighted_slope
+
+    normal, adv, at = arch, f"{arch}-Adv", f"{arch}-AT"
+    t1 = summary["table1"]
+    draws, seed = evidence.draws, evidence.seed
     out = []
 
-    def total(name: str, side: str) -> float:
-        return sum(t1[name][side].values())
+    def share(model: str, side: str):
+        """% of units interpretable (all categories): estimate and probe resamples."""
+        reps = evidence.probe[model][side].double().sum(1) / evidence.probe_units[model]
+        return sum(t1[model][side].values()), 100 * reps
 
-    def claim(text: str, held: bool | None, detail: str) -> None:
-        out.append({"claim": text, "held": held, "detail": detail})
+    def unit_resamples(model: str, keys: Sequence[str]):
+        """Per-unit values where every key is known, and the unit resamples of ``model``."""
+        values = torch.stack([torch.as_tensor(evidence.units[model][k]).double() for k in keys])
+        values = values[:, values.isfinite().all(0)]
+        if values.shape[1] == 0:
+            return values, None
+        # Each model's units resampled on their own: its own seed, from its name.
+        return values, resample_counts(values.shape[1], draws, seed + zlib.crc32(model.encode()))
 
-    real, fooled = total(normal, "real"), total(normal, "adversarial")
-    claim(
-        f"{normal}: the share of interpretable units drops sharply on adversarial images",
-        fooled < 0.8 * real if real > 0 else None,
-        f"{real:.1f}% of units on real probe images, {fooled:.1f}% on adversarial ones",
+    def mean_cs(model: str, key: str):
+        values, counts = unit_resamples(model, [key])
+        if counts is None:
+            return float("nan"), torch.full((draws,), float("nan"))
+        return float(values[0].mean()), weighted_mean(counts, values[0])
+
+    def slope(model: str, key: str):
+        values, counts = unit_resamples(model, ["lc", key])
+        if counts is None:
+            return float("nan"), torch.full((draws,), float("nan"))
+        every = torch.ones(1, values.shape[1], dtype=torch.float64)
+        return float(weighted_slope(every, *values)[0]), weighted_slope(counts, *values)
+
+    image_counts = {}
+
+    def accuracy(model: str, measure: str):
+        """Top-1 % on the test images: estimate and image resamples (shared by models)."""
+        correct = torch.as_tensor(evidence.images[model][measure]).float()
+        n = len(correct)
+        if n not in image_counts:
+            image_counts[n] = resample_counts(n, draws, seed, dtype=torch.float32)
+        return 100 * float(correct.mean()), 100 * weighted_mean(image_counts[n], correct)
+
+    # Table 1: the drop on adversarial images, and how much of it the fine-tuning keeps,
+    # read against the floor of the same network with random weights where it was dissected.
+    floor_name = random_name(arch)
+    has_floor = floor_name in t1 and floor_name in evidence.probe
+    if has_floor:
+        floor, floor_r = share(floor_name, "real")
+    real, real_r = share(normal, "real")
+    fooled, fooled_r = share(normal, "adversarial")
+    drops = _claim(
+        "the share drops (real − adversarial)",
+        real - fooled,
+        real_r - fooled_r,
+        unit="points",
+        detail=f"{real:.1f}% of units on real probe images, {fooled:.1f}% on adversarial ones",
     )
-    a_real, a_fooled = total(adv, "real"), total(adv, "adversarial")
-    keeps = a_fooled / a_real if a_real > 0 else None
-    normal_keeps = fooled / real if real > 0 else None
-    claim(
-        f"{adv}: the share stays close to the real-image share (closer than {normal}'s)",
-        None if keeps is None or normal_keeps is None else keeps >= 0.8 and keeps > normal_keeps,
-        f"{a_real:.1f}% real, {a_fooled:.1f}% adversarial"
-        + (
-            f" (keeps {100 * keeps:.0f}%, {normal} keeps {100 * normal_keeps:.0f}%)"
-            if keeps is not None and normal_keeps is not None
-            else ""
-        ),
+    text = f"{normal}: the share of interpretable units drops sharply on adversarial images"
+    detail = f"{real:.1f}% of units on real probe images, {fooled:.1f}% on adversarial ones"
+    if has_floor:
+        out.append(
+            _claim(
+                f"{normal}: on real images more units are interpretable than with random "
+                "weights (the floor Table 1 is read against)",
+                real - floor,
+                real_r - floor_r,
+                unit="points",
+                detail=f"{real:.1f}% vs {floor:.1f}% for {floor_name}; resampled over probe images",
+            )
+        )
+        sharp = _claim(
+            "it loses more than half of its share above the random-weights floor "
+            "((real + floor)/2 − adversarial)",
+            (real + floor) / 2 - fooled,
+            (real_r + floor_r) / 2 - fooled_r,
+            unit="points",
+            detail=f"floor {floor:.1f}% ({floor_name})",
+        )
+        out.append(
+            _all_parts(
+                text, [drops, sharp], detail + f", floor {floor:.1f}%; resampled over probe images"
+            )
+        )
+    else:
+        out.append({**drops, "claim": text, "detail": detail + "; resampled over probe images"})
+    a_real, a_real_r = share(adv, "real")
+    a_fooled, a_fooled_r = share(adv, "adversarial")
+    keeps = a_fooled / a_real if a_real else float("nan")
+    normal_keeps = fooled / real if real else float("nan")
+    closer = _claim(
+        f"it keeps more of its real-image share than {normal} (adversarial ÷ real, difference)",
+        keeps - normal_keeps,
+        a_fooled_r / a_real_r - fooled_r / real_r,
+        detail=f"keeps {100 * keeps:.0f}%, {normal} keeps {100 * normal_keeps:.0f}%",
     )
-    s1, s2 = _slope(fig10[normal], "cs1"), _slope(fig10[normal], "cs2")
-    claim(
-        f"{normal}: CS1 falls as LC rises (Fig. 10)",
-        None if s1 is None else s1 < 0,
-        "slope of CS1 against LC " + ("n/a" if s1 is None else f"{s1:+.2f}"),
+    text = f"{adv}: the share stays close to the real-image share (closer than {normal}'s)"
+    detail = (
+        f"{a_real:.1f}% real, {a_fooled:.1f}% adversarial: keeps {100 * keeps:.0f}%, "
+        f"{normal} keeps {100 * normal_keeps:.0f}%"
     )
-    claim(
-        f"{normal}: CS2 rises with LC (Fig. 10)",
-        None if s2 is None else s2 > 0,
-        "slope of CS2 against LC " + ("n/a" if s2 is None else f"{s2:+.2f}"),
+    if has_floor:
+        kept = _claim(
+            "it keeps more than half of its share above the random-weights floor "
+            "(adversarial − (real + floor)/2)",
+            a_fooled - (a_real + floor) / 2,
+            a_fooled_r - (a_real_r + floor_r) / 2,
+            unit="points",
+            detail=f"floor {floor:.1f}% ({floor_name})",
+        )
+        out.append(
+            _all_parts(
+                text, [closer, kept], detail + f", floor {floor:.1f}%; resampled over probe images"
+            )
+        )
+    else:
+        out.append({**closer, "claim": text, "detail": detail + "; resampled over probe images"})
+    if at in t1:
+        t_fooled, t_fooled_r = share(at, "adversarial")
+        out.append(
+            _claim(
+                f"{adv} vs {at}: more interpretable units on adversarial images (the "
+                "consistency loss over plain adversarial training)",
+                a_fooled - t_fooled,
+                a_fooled_r - t_fooled_r,
+                unit="points",
+                detail=f"{a_fooled:.1f}% vs {t_fooled:.1f}% of units on adversarial probe images",
+            )
+        )
+
+    # Fig. 10: slopes against LC, and mean CS1.
+    s1, s1_r = slope(normal, "cs1")
+    out.append(
+        _claim(
+            f"{normal}: CS1 falls as LC rises (Fig. 10)",
+            s1,
+            s1_r,
+            above=False,
+            unit="slope",
+            detail="least-squares slope of CS1 on LC over units; resampled over units",
+        )
     )
-    a1 = _slope(fig10[adv], "cs1")
-    mean = summary.get("mean_cs1", {})
-    claim(
-        f"{adv}: CS1 stays high (above {normal}'s)",
-        None if adv not in mean or normal not in mean else mean[adv] > mean[normal],
-        f"mean CS1 {mean.get(adv, float('nan')):.3f} vs {mean.get(normal, float('nan')):.3f}; "
-        "slope " + ("n/a" if a1 is None else f"{a1:+.2f}"),
+    s2, s2_r = slope(normal, "cs2")
+    out.append(
+        _claim(
+            f"{normal}: CS2 rises with LC (Fig. 10)",
+            s2,
+            s2_r,
+            unit="slope",
+            detail="least-squares slope of CS2 on LC over units; resampled over units",
+        )
     )
-    gain = t2[adv]["fgsm_top1"] - t2[normal]["fgsm_top1"]
-    claim(
-        f"{adv}: FGSM (ε=4) top-1 well above {normal}'s, at a small clean cost",
-        gain > 10,
-        f"FGSM top-1 {t2[adv]['fgsm_top1']:.2f}% vs {t2[normal]['fgsm_top1']:.2f}%; clean "
-        f"{t2[adv]['clean_top1']:.2f}% vs {t2[normal]['clean_top1']:.2f}%",
-    )
+    # Models compared on the adversarial images that fooled them (each unit's top 1% of
+    # the successful ones), each attacked at the strength that fools most of its images.
+    cs1 = {m: mean_cs(m, "cs1_successful") for m in (normal, adv, at) if m in evidence.units}
+    for other, text in ((normal, f"above {normal}'s"), (at, f"above {at}'s")):
+        if other not in cs1 or adv not in cs1:
+            continue
+        (a, a_r), (o, o_r) = cs1[adv], cs1[other]
+        out.append(
+            _claim(
+                f"{adv}: CS1 stays high ({text}), on successful adversarial images",
+                a - o,
+                a_r - o_r,
+                unit="CS1",
+                detail=f"mean CS1 over units {a:.3f} vs {o:.3f}"
+                + _strengths(summary, (adv, other))
+                + "; each model's units resampled",
+            )
+        )
+
+    # Table 2: robustness gained, and the clean accuracy it costs.
+    if adv in evidence.images and normal in evidence.images:
+        a_fgsm, a_fgsm_r = accuracy(adv, "fgsm")
+        n_fgsm, n_fgsm_r = accuracy(normal, "fgsm")
+        a_clean, a_clean_r = accuracy(adv, "clean")
+        n_clean, n_clean_r = accuracy(normal, "clean")
+        n_images = len(evidence.images[adv]["fgsm"])
+        gain = _claim(
+            "FGSM top-1 gain",
+            a_fgsm - n_fgsm,
+            a_fgsm_r - n_fgsm_r,
+            unit="points",
+            detail=f"{a_fgsm:.2f}% vs {n_fgsm:.2f}%",
+        )
+        cost = _claim(
+            f"clean top-1 cost ≤ {CLEAN_COST_POINTS:g} points (the paper's 1–5)",
+            n_clean - a_clean,
+            n_clean_r - a_clean_r,
+            bound=CLEAN_COST_POINTS,
+            above=False,
+            unit="points",
+            detail=f"{a_clean:.2f}% vs {n_clean:.2f}%",
+        )
+        out.append(
+            _all_parts(
+                f"{adv}: FGSM (ε=4) top-1 well above {normal}'s, at a small clean cost",
+                [gain, cost],
+                f"FGSM top-1 {a_fgsm:.2f}% vs {n_fgsm:.2f}%; clean {a_clean:.2f}% vs "
+                f"{n_clean:.2f}%; resampled over the {n_images} test images",
+            )
+        )
+        # Stronger attacks: the gain is not an artefact of the attack it was trained on.
+        for measure, label in (("pgd20", "PGD-20"), ("autoattack", "AutoAttack")):
+            if measure not in evidence.images[adv] or measure not in evidence.images[normal]:
+                continue
+            a_acc, a_r = accuracy(adv, measure)
+            n_acc, n_r = accuracy(normal, measure)
+            n_images = len(evidence.images[adv][measure])
+            out.append(
+                _claim(
+                    f"{adv}: {label} (ε=4) top-1 above {normal}'s",
+                    a_acc - n_acc,
+                    a_r - n_r,
+                    unit="points",
+                    detail=f"{a_acc:.1f}% vs {n_acc:.1f}% on the first {n_images} test "
+                    "images; resampled over them",
+                )
+            )
     return out
+
+
+def _strengths(summary: dict, models: Sequence[str]) -> str:
+    """``" (opt λ=10, 99% fooled vs λ=100, 96%)"`` from the summary's attacks, if any."""
+    attacks = summary.get("attacks") or {}
+    if not all(m in attacks for m in models):
+        return ""
+    parts = [
+        f"λ={attacks[m]['lam']:g}, {attacks[m]['steps']} steps, "
+        f"{100 * attacks[m]['success_rate']:.0f}% fooled"
+        for m in models
+    ]
+    return " (opt " + " vs ".join(parts) + ")"
+
+
+def load_evidence(run: Path, names: Sequence[str], seed: int = 0) -> Evidence:
+    """The resampling inputs of :func:`findings` from a run folder (see :class:`Evidence`)."""
+    import csv
+
+    from advinterp.analysis.semantics import CSV_COLUMNS
+    from advinterp.io import read_state_dict
+
+    evidence = Evidence(seed=seed)
+    for name in names:
+        path = run / "dissect" / name / "bootstrap.json"
+        if path.is_file():
+            data = read_json(path)
+            evidence.probe[name] = {
+                side: torch.tensor(data[side]) for side in ("real", "adversarial") if side in data
+            }
+            evidence.probe_units[name] = data["units"]
+            evidence.draws = data["draws"]
+    keys = [k for k in CSV_COLUMNS if k in ("lc", "cs1", "cs2", "cs1_successful")]
+    with open(run / "semantics" / "units.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            values = evidence.units.setdefault(row["model"], {k: [] for k in keys})
+            for k in keys:
+                values[k].append(float(row[k]) if row[k] not in ("", "nan") else math.nan)
+    evidence.units = {
+        m: {k: torch.tensor(v, dtype=torch.float64) for k, v in cols.items()}
+        for m, cols in evidence.units.items()
+    }
+    for part in ("correct", "pgd", "autoattack"):
+        path = run / "robustness" / f"{part}.safetensors"
+        if path.is_file():
+            for key, value in read_state_dict(path).items():
+                model, measure = key.split("/")
+                evidence.images.setdefault(model, {})[measure] = value.bool()
+    return evidence
 
 
 def _summary(run: Path, names, cfg, timings: dict) -> dict:
@@ -502,10 +1084,50 @@ def _summary(run: Path, names, cfg, timings: dict) -> dict:
         table1[name] = {"real": t["real"], "adversarial": t["adversarial"]}
         fig10[name] = semantics["models"][name]["fig10"]
         mean_cs1[name] = semantics["models"][name]["mean"]["cs1"]
+    for arch in cfg.archs:
+        t = read_json(run / "dissect" / random_name(arch) / "table1.json")
+        table1[random_name(arch)] = {"real": t["real"]}
+    floors = [random_name(a) for a in cfg.archs]
+    evidence = load_evidence(run, [*names, *floors], cfg.seed)
+    table2 = {n: dict(table2[n]) for n in names}
+    robust = read_json(run / "robustness" / "autoattack.json")
+    for name in names:
+        for measure in ("pgd20", "autoattack"):
+            right = evidence.images.get(name, {}).get(measure)
+            if right is not None:
+                table2[name][f"{measure}_top1"] = 100 * float(right.float().mean())
+    attacks = {}
+    for name in names:
+        strength = read_json(_strength_file(run, name))
+        test = read_json(run / "adv" / f"{name}-opt" / "attack.json")
+        probe = read_json(run / "dissect" / name / "table1.json").get("attack") or {}
+        attacks[name] = {
+            "method": "opt",
+            "lam": strength["lam"],
+            "keep": cfg.keep,
+            "steps": strength["steps"],
+            "success_rate": test["stats"]["success_rate"],
+            "mean_l2": test["stats"]["mean_l2"],
+            "images": test["n"],
+            "probe_success_rate": probe.get("success_rate"),
+            "probe_mean_l2": probe.get("mean_l2"),
+            "strength_search": strength,
+        }
     summary = {
         "models": names,
+        "attacks": attacks,
         "table1": table1,
-        "table2": {n: table2[n] for n in names},
+        "table2": table2,
+        "robustness": {
+            "eps": cfg.eps[0],
+            "pgd": {"steps": PGD_STEPS, "images": cfg.pgd_images, "random_start": True},
+            "autoattack": {
+                "version": "standard",
+                "images": robust.get("images", 0),
+                "available": robust.get("available", False),
+            },
+            "note": "untargeted, true labels, top-1 %, on the first test images",
+        },
         "fig10": fig10,
         "mean_cs1": mean_cs1,
         "paper": PAPER,
@@ -514,8 +1136,15 @@ def _summary(run: Path, names, cfg, timings: dict) -> dict:
         "settings": {k: v for k, v in asdict(cfg).items() if k != "extra"},
         "dissect_layers": list(cfg.dissect_layers),
         "gallery_layers": sorted(p.name for p in (run / "galleries").glob("*/*") if p.is_dir()),
+        "verdicts": {
+            "level": LEVEL,
+            "draws": DRAWS,
+            "rule": "holds when the 95% interval lies beyond the bound (no effect, or the "
+            "paper's limit) on the claim's side, fails when it lies on the other side, "
+            "undecided when it straddles the bound",
+        },
     }
-    summary["findings"] = [f for arch in cfg.archs for f in findings(summary, arch)]
+    summary["findings"] = [f for arch in cfg.archs for f in findings(summary, arch, evidence)]
     return summary
 
 
@@ -526,11 +1155,32 @@ def format_summary(summary: dict) -> str:
 
     paper = summary["paper"]
     lines = ["Table 2 (%, FGSM untargeted):", format_table2(summary["table2"])]
+    robust = summary.get("robustness", {})
+    for measure, label, part in (
+        ("pgd20", "PGD-20", "pgd"),
+        ("autoattack", "AutoAttack", "autoattack"),
+    ):
+        values = {
+            n: r[f"{measure}_top1"] for n, r in summary["table2"].items() if f"{measure}_top1" in r
+        }
+        if values:
+            lines.append(
+                f"{label} (ε={robust.get('eps', 4):g}) top-1 on the first "
+                f"{robust.get(part, {}).get('images', '?')} test images: "
+                + ", ".join(f"{n} {v:.2f}" for n, v in values.items())
+            )
     lines.append(
         "paper, ResNet-18 on ImageNet: "
         + ", ".join(f"{k} {v:.2f}" for k, v in paper["table2"]["ResNet-18"].items())
     )
-    lines += ["", "Table 1:", format_table1(summary["table1"])]
+    table1 = {n: t for n, t in summary["table1"].items() if "adversarial" in t}
+    lines += ["", "Table 1:", format_table1(table1)]
+    for name, t in summary["table1"].items():
+        if name not in table1:  # the random-weights floor: real images only
+            lines.append(
+                f"{name} (random weights, the floor): real "
+                + " ".join(f"{k[:3]} {v:.1f}" for k, v in t["real"].items())
+            )
     for name, row in paper["table1"].items():
         lines.append(
             f"paper, {name} on Broden: real "
@@ -538,8 +1188,27 @@ def format_summary(summary: dict) -> str:
             + " | adversarial "
             + " ".join(f"{k[:3]} {v:.1f}" for k, v in row["adversarial"].items())
         )
-    lines += ["", "The paper's findings on this data:"]
+    lines += ["", "The paper's findings on this data (estimate [95% interval]):"]
     for f in summary["findings"]:
-        held = {True: "held", False: "did not hold", None: "undecided"}[f["held"]]
-        lines.append(f"- {f['claim']}: {held} ({f['detail']})")
+        parts = f.get("parts") or [f]
+        numbers = "; ".join(
+            (f"{p['claim']}: " if len(parts) > 1 else "") + format_estimate(p) for p in parts
+        )
+        lines.append(f"- {f['claim']}: {f.get('verdict', f['held'])} — {numbers} ({f['detail']})")
     return "\n".join(lines)
+
+
+def format_estimate(f: dict) -> str:
+    """``+1.23 [0.45, 2.01] points`` — a finding's estimate, interval and unit; the bound
+    too when it is not 0 (``≤ 5``)."""
+
+    def num(v) -> str:
+        return "n/a" if v is None else f"{v:+.3g}" if abs(v) < 1 else f"{v:+.2f}"
+
+    low, high = f.get("interval") or (None, None)
+    text = f"{num(f.get('estimate'))} [{num(low)}, {num(high)}]"
+    if f.get("unit"):
+        text += f" {f['unit']}"
+    if f.get("bound"):
+        text += f" ({'>' if f.get('above', True) else '<'} {f['bound']:g})"
+    return text

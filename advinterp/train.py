@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from advinterp.data import batches, open_dataset
 from advinterp.distributed import World
@@ -23,6 +22,7 @@ from advinterp.errors import UserError
 from advinterp.io import read_json, read_state_dict, save_tensors, write_json
 from advinterp.metrics.accuracy import accuracy
 from advinterp.models import create_model, load_state, model_config, save_checkpoint
+from advinterp.progress import progress as tqdm
 
 
 def check_schedule(cfg) -> None:

@@ -30,6 +30,7 @@ import time
 import torch
 
 from advinterp.analysis import PairedSets, model_semantics
+from advinterp.attacks.advset import AdversarialSet
 from advinterp.data import batches, open_dataset
 from advinterp.metrics.wordnet import similarity_matrix
 from advinterp.models import create_model, load_model
@@ -62,16 +63,18 @@ def main() -> None:
     noisy = (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp_(0, 1)
     targets = torch.randint(0, 10, (n,), generator=gen)
     preds = torch.where(torch.rand(n, generator=gen) < 0.9, targets, data.labels)
-    pairs = PairedSets(
-        real=data,
-        images=noisy,
-        labels=data.labels,
-        targets=targets,
-        preds=preds,
-        clean_preds=data.labels,
-        indices=torch.arange(n),
-        meta={"method": "noise", "stats": {"success_rate": 0.9, "mean_l2": 0.0}},
+    adversarial = AdversarialSet.from_tensors(
+        {
+            "images": noisy,
+            "labels": data.labels,
+            "targets": targets,
+            "preds": preds,
+            "clean_preds": data.labels,
+            "indices": torch.arange(n),
+        },
+        {"method": "noise", "stats": {"success_rate": 0.9, "mean_l2": 0.0}},
     )
+    pairs = PairedSets(real=data, adversarial=adversarial)
     C = similarity_matrix(model.wnids)  # cached on disk after the first run
 
     def plain() -> None:

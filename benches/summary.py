@@ -30,6 +30,7 @@ BENCHES = {
     "dissect": "python -m benches.bench_dissect",
     "advtrain": "python -m benches.bench_advtrain",
     "scaling_ranks": "python -m benches.bench_scaling",
+    "streaming": "python -m benches.bench_streaming",
 }
 
 Row = tuple[str, str, str, str, str]  # bench, measure, value, goal, verdict
@@ -221,12 +222,28 @@ def ranks_rows(r: dict) -> list[Row]:
     return rows
 
 
+def streaming_rows(r: dict) -> list[Row]:
+    small, large = (str(n) for n in r["settings"]["images"])
+    return [
+        ratio_row(
+            "streaming",
+            f"{name}: peak RSS at {large} ÷ {small} images of {r['settings']['size']}² "
+            f"({p['peak_mb'][large]:.0f} ÷ {p['peak_mb'][small]:.0f} MB)",
+            p["ratio"],
+            r["goal"],
+            "≤",
+        )
+        for name, p in r["passes"].items()
+    ]
+
+
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
     "attacks": attacks_rows,
     "semantics": semantics_rows,
     "dissect": dissect_rows,
     "advtrain": advtrain_rows,
     "scaling_ranks": ranks_rows,
+    "streaming": streaming_rows,
 }
 
 

@@ -19,6 +19,17 @@ if [ ${#need_debs[@]} -gt 0 ]; then
     fi
 fi
 
+# Only the report's browser test needs Chromium: without root, say how and go on.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Debian's chromium (the report's browser test opens every page)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    else
+        echo "setup: the report's browser test needs Chromium; run as root: apt-get install chromium" >&2
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv"
     python3 -m venv .venv

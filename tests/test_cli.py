@@ -1,9 +1,10 @@
+import argparse
 import subprocess
 import sys
 
 import pytest
 
-from advinterp.cli import COMMANDS, main
+from advinterp.cli import COMMANDS, build_parser, main
 
 
 def _main(capsys, *args):
@@ -20,7 +21,7 @@ def _main(capsys, *args):
     "args, message",
     [
         (["evaluate", "--model", "nowhere/model.safetensors"], "not found"),
-        (["attack", "--model", "resnet", "--out", "x"], "train it first"),
+        (["attack", "--model", "resnet", "--out", "x"], "train it"),
         (["layers", "nosuchnet"], "unknown model"),
         (["evaluate", "--model", "x", "--eps", "4", "-3"], "outside (0, 255]"),
         (["train", "--out", "x", "--arch", "lenet", "--limit", "10"], "unknown architecture"),
@@ -71,6 +72,25 @@ def test_attack_argument_errors(small_run, tmp_path, capsys):
         args = ["attack", "--model", model, "--out", str(tmp_path / "a"), "--limit", "8", *extra]
         rc, _, err = _main(capsys, *args)
         assert rc == 2 and message in err, (extra, err)
+
+
+def _verbs_taking(option: str) -> list[str]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(v for v, p in sub.choices.items() if option in p._option_string_actions)
+
+
+def test_every_limit_option_refuses_values_below_one(capsys):
+    """``--limit -5`` must not drop the last five images, nor ``--limit 0`` give 0.00%:
+    both end in one line and exit status 2, before any work."""
+    options = [(v, "--limit") for v in _verbs_taking("--limit")]
+    options += [(v, "--eval-limit") for v in _verbs_taking("--eval-limit")]
+    assert {"train", "advtrain", "evaluate", "attack", "dissect"} <= {v for v, _ in options}
+    for verb, option in options:
+        for value in ("-5", "0"):
+            rc, out, err = _main(capsys, verb, option, value)
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert rc == 2 and len(lines) == 1 and not out, (verb, option, value, err)
+            assert lines[0].startswith(f"advinterp: error: argument {option}: must be ≥ 1"), err
 
 
 def test_help_for_every_verb(capsys):

@@ -39,6 +39,8 @@ SUMMARY = {
             "clean_top5": 99.7123,
             "fgsm_top1": 59.7712,
             "fgsm_top5": 97.7801,
+            "pgd20_top1": 40.5,
+            "autoattack_top1": 38.25,
             "fgsm": {
                 "4": {"top1": 59.7712, "top5": 97.7801},
                 "8": {"top1": 29.0144, "top5": 88.3101},
@@ -88,7 +90,54 @@ SUMMARY = {
         {"claim": "CS1 falls as LC rises", "held": True, "detail": "slope -0.2"},
         {"claim": "Adv <keeps> units & concepts", "held": False, "detail": "see Table 1"},
         {"claim": "undecided", "held": None, "detail": ""},
+        {
+            "claim": "Adv: FGSM well above, at a small clean cost",
+            "verdict": "fails",
+            "held": False,
+            "estimate": 18.79,
+            "interval": [17.6, 20.01],
+            "bound": 0,
+            "above": True,
+            "unit": "points",
+            "detail": "both halves",
+            "parts": [
+                {
+                    "claim": "FGSM top-1 gain",
+                    "verdict": "holds",
+                    "estimate": 18.79,
+                    "interval": [17.6, 20.01],
+                    "bound": 0,
+                    "above": True,
+                    "unit": "points",
+                },
+                {
+                    "claim": "clean cost ≤ 5",
+                    "verdict": "fails",
+                    "estimate": 8.14,
+                    "interval": [7.31, 8.95],
+                    "bound": 5,
+                    "above": False,
+                    "unit": "points",
+                },
+            ],
+        },
+        {
+            "claim": "slope",
+            "verdict": "undecided",
+            "estimate": -0.0312,
+            "interval": [-0.09, 0.021],
+            "bound": 0,
+            "above": False,
+            "unit": "slope",
+            "detail": "resampled over units",
+        },
     ],
+    "robustness": {"eps": 4, "pgd": {"images": 1000}, "autoattack": {"images": 100}},
+    "attacks": {
+        "resnet": {"lam": 10, "steps": 20, "success_rate": 0.995, "mean_l2": 1.234}
+        | {"probe_success_rate": 1.0},
+        "resnet-Adv": {"lam": 300, "steps": 80, "success_rate": 0.9612, "mean_l2": 4.5},
+    },
     "timings": {"train": 247.25, "attack": 61.04, "semantics": 12.5},
     "dissect_layers": ["layer3.0.conv2"],
     "gallery_layers": ["layer3.0.conv2"],
@@ -214,28 +263,57 @@ def test_index_tables_hold_the_numbers_of_summary_json(report):
         ["resnet-Adv", "object", "21.10", "19.88", "—", "—"],
         ["resnet-Adv", "texture", "7.78", "6.50", "—", "—"],
     ]
-    assert index.tables["table2"][0][3:9] == [
+    assert index.tables["table2"][0][3:11] == [
         "FGSM ε=4 top-1",
         "FGSM ε=4 top-5",
         "FGSM ε=8 top-1",
         "FGSM ε=8 top-5",
         "FGSM ε=16 top-1",
         "FGSM ε=16 top-5",
+        "PGD-20 ε=4 top-1",
+        "AutoAttack ε=4 top-1",
     ]
     assert index.body("table2") == [
-        ["resnet", "91.08", "99.71", "59.77", "97.78", "29.01", "88.31", "6.95", "56.16"],
-        ["paper: resnet", "66.38", "87.13", "4.38", "31.66", "—", "—", "—", "—"],
-        ["resnet-Adv", "83.62", "99.60", "79.73", "99.54", "75.48", "99.46", "66.76", "99.10"],
-        ["resnet-AT", "86.67", "99.79", "80.95", "99.64", "—", "—", "—", "—"],
+        ["resnet", "91.08", "99.71", "59.77", "97.78", "29.01", "88.31", "6.95", "56.16"]
+        + ["40.50", "38.25"],
+        ["paper: resnet", "66.38", "87.13", "4.38", "31.66", "—", "—", "—", "—", "—", "—"],
+        ["resnet-Adv", "83.62", "99.60", "79.73", "99.54", "75.48", "99.46", "66.76", "99.10"]
+        + ["—", "—"],
+        ["resnet-AT", "86.67", "99.79", "80.95", "99.64", "—", "—", "—", "—", "—", "—"],
     ]
+    assert index.body("attacks") == [
+        ["resnet", "10", "20", "99.50", "1.234", "100.00"],
+        ["resnet-Adv", "300", "80", "96.12", "4.500", "—"],
+    ]
+    text = (report / "index.html").read_text()
+    assert "PGD-20 (untargeted, true labels) on the first 1000 test images" in text
+    assert "AutoAttack (untargeted, true labels) on the first 100 test images" in text
     assert index.body("fig10") == [
         ["resnet", "0.000–0.250", "5", "0.123", "0.811", "0.722"],
         ["resnet", "0.250–0.500", "0", "—", "—", "—"],
     ]
     assert index.body("findings") == [
-        ["CS1 falls as LC rises", "yes", "slope -0.2"],
-        ["Adv <keeps> units & concepts", "no", "see Table 1"],
-        ["undecided", "—", "—"],
+        ["CS1 falls as LC rises", "holds", "—", "—", "—", "slope -0.2"],
+        ["Adv <keeps> units & concepts", "fails", "—", "—", "—", "see Table 1"],
+        ["undecided", "undecided", "—", "—", "—", "—"],
+        [
+            "Adv: FGSM well above, at a small clean cost",
+            "fails",
+            "+18.79 points",
+            "[+17.60, +20.01]",
+            "> 0 points",
+            "both halves",
+        ],
+        ["↳ FGSM top-1 gain", "holds", "+18.79 points", "[+17.60, +20.01]", "> 0 points", "—"],
+        ["↳ clean cost ≤ 5", "fails", "+8.14 points", "[+7.31, +8.95]", "< 5 points", "—"],
+        [
+            "slope",
+            "undecided",
+            "-0.0312 slope",
+            "[-0.09, +0.021]",
+            "< 0 slope",
+            "resampled over units",
+        ],
     ]
     assert index.body("timings") == [
         ["train", "247.2"],
@@ -396,22 +474,14 @@ def test_a_crash_leaves_no_half_written_page(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def chromium_exe():
-    """Debian's Chromium, installed with apt-get when missing (the tests run as root in CI)."""
+    """Debian's Chromium, which set-up installs (scripts/setup.sh, run by `make test`)."""
     exe = shutil.which("chromium")
-    if exe:
-        return exe
-    if os.geteuid() != 0:
+    if not exe:
         pytest.fail(
-            "the browser tests need Chromium: run `sudo apt-get install -y chromium` (Debian)"
+            "the browser test needs Chromium: run `bash scripts/setup.sh` as root "
+            "(or `apt-get install chromium`)",
+            pytrace=False,
         )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "chromium"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, check=True, capture_output=True)
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"apt-get install chromium failed:\n{done.stderr[-2000:]}"
-    exe = shutil.which("chromium")
-    assert exe, "apt-get installed chromium but no `chromium` is on PATH"
     return exe
 
 

@@ -3,11 +3,19 @@
 import json
 
 import pytest
+import torch
 
 import advinterp.reproduce
 from advinterp.cli import main
 from advinterp.io import write_json
-from advinterp.reproduce import ReproduceConfig, _slope, _Stages, findings, stage_costs
+from advinterp.reproduce import (
+    Evidence,
+    ReproduceConfig,
+    _Stages,
+    findings,
+    stage_costs,
+    verdict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +43,37 @@ def test_summary_has_the_documented_keys(quick_run):
         # Table 1 and Table 2 are the stage outputs, not recomputed numbers.
         table1 = json.loads((quick_run / "dissect" / name / "table1.json").read_text())
         assert t1["real"] == table1["real"] and t1["adversarial"] == table1["adversarial"]
-    assert summary["table2"] == {
-        n: r for n, r in json.loads((quick_run / "table2.json").read_text()).items()
-    }
-    assert len(summary["findings"]) == 6
-    assert all(f["held"] in (True, False, None) for f in summary["findings"])
+    # Table 2 is the stage's output, with the stronger attacks' top-1 beside it.
+    table2 = json.loads((quick_run / "table2.json").read_text())
+    for name in models:
+        row = dict(summary["table2"][name])
+        assert 0 <= row.pop("pgd20_top1") <= 100 and "autoattack_top1" not in row
+        assert row == table2[name]
+    assert summary["robustness"]["pgd"]["images"] == 200
+    assert summary["robustness"]["autoattack"]["images"] == 0  # too slow for --quick
+    # Equal attacks: each model's λ (and steps) from its search, recorded with it.
+    for name in models:
+        a = summary["attacks"][name]
+        search = a["strength_search"]
+        assert (a["lam"], a["steps"]) == (search["tried"][-1]["lam"], search["tried"][-1]["steps"])
+        assert search["reached"] == (search["tried"][-1]["success_rate"] >= 0.95)
+        assert all(t["success_rate"] < 0.95 for t in search["tried"][:-1])
+        assert 0 <= a["success_rate"] <= 1 and 0 <= a["probe_success_rate"] <= 1
+    # Table 1's floor: the untrained network, real images only.
+    assert set(summary["table1"]["resnet-random"]) == {"real"}
+    assert set(summary["table1"]) == {*models, "resnet-random"}
+    claims = [f["claim"] for f in summary["findings"]]
+    for text in ("drops", "stays close", "random weights", "resnet-Adv vs resnet-AT"):
+        assert any(text in c for c in claims), text
+    for text in ("CS1 falls", "CS2 rises", "PGD-20"):
+        assert any(text in c for c in claims), text
+    assert sum("CS1 stays high" in c for c in claims) == 2
+    for f in summary["findings"]:
+        assert f["verdict"] in ("holds", "fails", "undecided") and len(f["interval"]) == 2
+        assert f["held"] == {"holds": True, "fails": False, "undecided": None}[f["verdict"]]
+    fgsm = next(f for f in summary["findings"] if "FGSM" in f["claim"])
+    assert [p["bound"] for p in fgsm["parts"]] == [0.0, 5.0]
+    assert (quick_run / "dissect" / "resnet" / "bootstrap.json").is_file()
     assert (quick_run / "report" / "index.html").is_file()
     assert (quick_run / "semantics" / "fig10.png").is_file()
     assert list((quick_run / "galleries" / "resnet").glob("*/unit_*.png"))
@@ -48,10 +82,12 @@ def test_summary_has_the_documented_keys(quick_run):
 
 def test_rerun_skips_every_stage(quick_run, capsys):
     before = (quick_run / "summary.json").read_text()
-    # An architecture named twice is one architecture: the same 14 stages.
+    # An architecture named twice is one architecture: the same stages.
     assert main(["reproduce", "--quick", "--archs", "resnet,resnet", "--out", str(quick_run)]) == 0
     out = capsys.readouterr().out
-    assert out.count("unchanged, skipped") == 14
+    assert out.count("unchanged, skipped") == len(
+        stage_costs(ReproduceConfig(quick=True).resolved())
+    )
     after = json.loads((quick_run / "summary.json").read_text())
     for key in ("table1", "table2", "fig10", "findings"):
         assert after[key] == json.loads(before)[key]
@@ -80,31 +116,131 @@ def test_unknown_architecture_is_one_line(tmp_path, capsys):
     assert "unknown architecture 'lenet'" in err and "\n" not in err
 
 
-def test_slope_and_findings_by_hand():
-    bins = [
-        {"lc": 0.1, "cs1": 0.9, "cs2": 0.2, "n_units": 1},
-        {"lc": 0.3, "cs1": 0.7, "cs2": 0.4, "n_units": 1},
-    ]
-    assert _slope(bins, "cs1") == pytest.approx(-1.0)
-    assert _slope(bins, "cs2") == pytest.approx(1.0)
-    summary = {
-        "table1": {
-            "m": {"real": {"object": 10.0}, "adversarial": {"object": 2.0}},
-            "m-Adv": {"real": {"object": 10.0}, "adversarial": {"object": 9.0}},
-        },
-        "table2": {
-            "m": {"fgsm_top1": 10.0, "clean_top1": 90.0},
-            "m-Adv": {"fgsm_top1": 50.0, "clean_top1": 85.0},
-        },
-        "fig10": {"m": bins, "m-Adv": bins},
-        "mean_cs1": {"m": 0.5, "m-Adv": 0.8},
+def test_verdict_rule():
+    assert verdict(0.1, 0.5) == "holds"  # the interval excludes no effect
+    assert verdict(-0.5, -0.1) == "fails"  # it excludes the claim
+    assert verdict(-0.5, 0.0) == "fails"
+    assert verdict(-0.1, 0.2) == "undecided"
+    assert verdict(None, 0.2) == verdict(float("nan"), 1.0) == "undecided"
+    assert verdict(-0.5, -0.1, above=False) == "holds"
+    assert verdict(3.0, 4.5, bound=5, above=False) == "holds"
+    assert verdict(5.5, 7.0, bound=5, above=False) == "fails"
+    assert verdict(4.0, 6.0, bound=5, above=False) == "undecided"
+
+
+DRAWS = 400
+
+
+def _probe(share: float, spread: float = 0.0) -> torch.Tensor:
+    """Resampled counts of interpretable units (of 100, one category): ``share`` ± ``spread``."""
+    return (share + spread * torch.linspace(-1, 1, DRAWS)).round().view(-1, 1)
+
+
+def _units(slope1: float, slope2: float, level: float = 0.5, noise: float = 0.0) -> dict:
+    lc = torch.linspace(0, 1, 60, dtype=torch.float64)
+    wobble = noise * torch.sin(37 * torch.arange(60, dtype=torch.float64))
+    cs1 = level + slope1 * (lc - 0.5) + wobble
+    cs2 = 0.5 + slope2 * (lc - 0.5) + wobble
+    return {"lc": lc, "cs1": cs1, "cs2": cs2, "cs1_successful": cs1}
+
+
+def _correct(right: int, n: int = 1000) -> torch.Tensor:
+    return torch.arange(n) < right
+
+
+def _case(drop: str) -> tuple[dict, Evidence]:
+    """Hand-made results of m, m-Adv and m-AT where each claim's answer is known."""
+    t1 = {
+        "m": {"real": {"object": 10.0}, "adversarial": {"object": 2.0}},
+        "m-Adv": {"real": {"object": 10.0}, "adversarial": {"object": 9.0}},
+        "m-AT": {"real": {"object": 10.0}, "adversarial": {"object": 4.0}},
+        "m-random": {"real": {"object": 4.0}},  # the floor: random weights
     }
-    held = [f["held"] for f in findings(summary, "m")]
-    assert held == [True, True, True, True, True, True]
-    summary["table1"]["m"]["adversarial"]["object"] = 9.5  # no drop for the normal model
-    summary["table2"]["m-Adv"]["fgsm_top1"] = 15.0
-    held = [f["held"] for f in findings(summary, "m")]
-    assert held[0] is False and held[1] is False and held[5] is False
+    probe = {
+        "m": {"real": _probe(10), "adversarial": _probe(2)},
+        "m-Adv": {"real": _probe(10), "adversarial": _probe(9)},
+        "m-AT": {"real": _probe(10), "adversarial": _probe(4)},
+        "m-random": {"real": _probe(4)},
+    }
+    if drop == "none":  # the normal model loses nothing, exactly
+        t1["m"]["adversarial"]["object"] = 10.0
+        probe["m"]["adversarial"] = _probe(10)
+    elif drop == "noisy":  # a drop of 1 point, give or take 3
+        t1["m"]["adversarial"]["object"] = 9.0
+        probe["m"]["adversarial"] = _probe(10) - _probe(1, 3)
+    units = {
+        "m": _units(-0.5, 0.4, level=0.6),
+        "m-Adv": _units(0.0, 0.0, level=0.8),
+        "m-AT": _units(0.0, 0.0, level=0.7),
+    }
+    images = {
+        "m": {"clean": _correct(900), "fgsm": _correct(400), "pgd20": _correct(20, 200)},
+        "m-Adv": {"clean": _correct(870), "fgsm": _correct(700), "pgd20": _correct(120, 200)},
+    }
+    if drop == "none":  # CS1 rises and CS2 falls: Fig. 10's claims fail
+        units["m"] = _units(0.5, -0.4, level=0.6)
+        images["m-Adv"]["clean"] = _correct(800)  # a 10-point clean cost
+    elif drop == "noisy":  # no slope at all, in noisy units: undecided
+        units["m"] = _units(0.0, 0.0, level=0.6, noise=0.3)
+        images["m-Adv"]["clean"] = _correct(850)  # 5 points, give or take
+    summary = {"table1": t1}
+    evidence = Evidence(
+        probe=probe,
+        probe_units={m: 100 for m in probe},
+        units=units,
+        images=images,
+        draws=DRAWS,
+    )
+    return summary, evidence
+
+
+def test_findings_hold_on_a_case_made_to_hold():
+    summary, evidence = _case("sharp")
+    found = findings(summary, "m", evidence)
+    assert all(f["verdict"] == "holds" for f in found), [(f["claim"], f["verdict"]) for f in found]
+    floor, drop = found[0], found[1]
+    assert "random weights" in floor["claim"] and floor["estimate"] == pytest.approx(6.0)
+    assert drop["estimate"] == pytest.approx(8.0) and drop["interval"] == [8.0, 8.0]
+    # Judged against the floor too: (10 + 4)/2 − 2 = 5 points lost beyond half the excess.
+    assert drop["parts"][1]["estimate"] == pytest.approx(5.0)
+    close = found[2]
+    assert [p["estimate"] for p in close["parts"]] == pytest.approx([0.7, 2.0])
+    slope = next(f for f in found if "CS1 falls" in f["claim"])
+    assert slope["estimate"] == pytest.approx(-0.5) and slope["interval"][1] < 0
+    fgsm = next(f for f in found if "FGSM" in f["claim"])
+    assert [p["verdict"] for p in fgsm["parts"]] == ["holds", "holds"]
+    pgd = next(f for f in found if "PGD-20" in f["claim"])
+    assert pgd["estimate"] == pytest.approx(50.0) and "first 200 test images" in pgd["detail"]
+    assert not any("AutoAttack" in f["claim"] for f in found)  # not measured here
+    assert fgsm["parts"][1]["estimate"] == pytest.approx(3.0)
+    assert fgsm["parts"][1]["bound"] == 5.0 and fgsm["parts"][1]["interval"][1] < 5
+
+
+def test_findings_fail_on_a_case_made_to_fail():
+    summary, evidence = _case("none")
+    verdicts = {f["claim"]: f["verdict"] for f in findings(summary, "m", evidence)}
+    failed = [c for c, v in verdicts.items() if v == "fails"]
+    assert any("drops" in c for c in failed) and any("stays close" in c for c in verdicts)
+    drop = next(f for f in findings(summary, "m", evidence) if "drops" in f["claim"])
+    assert [p["verdict"] for p in drop["parts"]] == ["fails", "fails"]
+    assert any("CS1 falls" in c for c in failed) and any("CS2 rises" in c for c in failed)
+    fgsm = next(f for f in findings(summary, "m", evidence) if "FGSM" in f["claim"])
+    assert fgsm["verdict"] == "fails"  # the gain holds, the 10-point cost fails
+    assert [p["verdict"] for p in fgsm["parts"]] == ["holds", "fails"]
+
+
+def test_findings_are_undecided_when_the_interval_straddles_the_bound():
+    summary, evidence = _case("noisy")
+    found = {f["claim"]: f for f in findings(summary, "m", evidence)}
+    drop = next(f for c, f in found.items() if "drops" in c)
+    assert drop["verdict"] == "undecided"
+    assert drop["interval"][0] < 0 < drop["interval"][1]
+    for text in ("CS1 falls", "CS2 rises"):
+        f = next(f for c, f in found.items() if text in c)
+        assert f["verdict"] == "undecided" and f["interval"][0] < 0 < f["interval"][1]
+    fgsm = next(f for c, f in found.items() if "FGSM" in c)
+    assert [p["verdict"] for p in fgsm["parts"]] == ["holds", "undecided"]
+    assert fgsm["verdict"] == "undecided"
 
 
 def _one_line_error(capsys) -> str:
@@ -160,4 +296,36 @@ def test_time_left_weighs_stages_by_cost(tmp_path, capsys, monkeypatch):
     # 10 s for cost 1, cost 3 to go: about 30 s left.
     assert "[1/2] small: 10s (elapsed 10s, about 30s left)" in capsys.readouterr().out
     costs = stage_costs(ReproduceConfig(quick=True).resolved())
-    assert len(costs) == 14 and costs["train resnet"] == 1.5 * 1 * 6000
+    assert costs["train resnet"] == 1.5 * 1 * 6000
+    # One per stage the run passes through, in order.
+    assert list(costs)[:5] == [
+        "train resnet",
+        "advtrain resnet-Adv",
+        "advtrain resnet-AT",
+        "table2",
+        "robustness",
+    ]
+
+
+def test_autoattack_stage_writes_what_it_measured(tmp_path, monkeypatch):
+    pytest.importorskip("torchattacks")
+    from advinterp.io import read_state_dict
+    from advinterp.models.wrapper import Classifier
+    from advinterp.reproduce import _autoattack
+
+    # A linear model: AutoAttack's four attacks take seconds on it.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    model = Classifier(net, mean=(0.286,), std=(0.353,), input_size=28, num_classes=10)
+    monkeypatch.setattr(advinterp.reproduce, "_load", lambda run, name: model)
+    cfg = ReproduceConfig(quick=True, autoattack_images=6).resolved()
+    _autoattack(tmp_path, ["m"], cfg)
+    meta = json.loads((tmp_path / "robustness" / "autoattack.json").read_text())
+    assert meta == {"available": True, "version": "standard", "images": 6}
+    right = read_state_dict(tmp_path / "robustness" / "autoattack.safetensors")["m/autoattack"]
+    assert right.shape == (6,)
+    # Without torchattacks the stage says so instead of failing.
+    monkeypatch.setitem(__import__("sys").modules, "torchattacks", None)
+    _autoattack(tmp_path, ["m"], cfg)
+    meta = json.loads((tmp_path / "robustness" / "autoattack.json").read_text())
+    assert meta == {"available": False, "images": 0}

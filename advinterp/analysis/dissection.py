@@ -32,16 +32,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advinterp.attacks.advset import build_adversarial_set
+from advinterp.attacks.advset import AdversarialSet, build_adversarial_set, default_chunk
 from advinterp.data.broden import BrodenProbe, collate_masks, probe_batches
 from advinterp.errors import UserError
-from advinterp.io import atomic_replace, read_json, read_state_dict, save_tensors, write_json
+from advinterp.io import atomic_replace, read_json, save_tensors, write_json
 from advinterp.metrics.dissect import Dissection, dissect
 from advinterp.models import layer_shapes
 from advinterp.record import resolve_layers
 
 __all__ = [
     "DissectionResult",
+    "adversarial_probe_batches",
     "default_dissect_layers",
     "dissect_model",
     "format_table1",
@@ -52,25 +53,31 @@ __all__ = [
 ]
 
 SIDES = ("real", "adversarial")
-# Adversarial-set chunks stay near this many bytes of float images.
-_CHUNK_BYTES = 1 << 28
 
 
 def default_dissect_layers(model) -> list[str]:
     """The last two stages of the network that output maps and hold a convolution
-    (``layer2, layer3`` of the compact ResNet, ``layer3, layer4`` of ResNet-18); a
-    network with fewer such stages (AlexNet, VGG: one ``features``) gives its last
-    two ``Conv2d`` layers."""
+    (``layer2, layer3`` of the compact ResNet, ``layer3, layer4`` of ResNet-18). Stages
+    grouped in one container are looked for inside it (``blocks.5, blocks.6`` of timm's
+    EfficientNets, ``stages.2, stages.3`` of ConvNeXt); a network with fewer such stages
+    (AlexNet, VGG: one ``features``) gives its last two ``Conv2d`` layers."""
     shapes = {name: shape for name, _, shape in layer_shapes(model)}
-    stages = [
-        name
-        for name, module in model.net.named_children()
-        if len(shapes.get(name, ())) == 3
-        and any(isinstance(m, nn.Conv2d) for m in module.modules())
-        and not isinstance(module, nn.Conv2d)
-    ]
-    if len(stages) >= 2:
-        return stages[-2:]
+
+    def stages(parent: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+        return [
+            (prefix + name, module)
+            for name, module in parent.named_children()
+            if len(shapes.get(prefix + name, ())) == 3
+            and any(isinstance(m, nn.Conv2d) for m in module.modules())
+            and not isinstance(module, nn.Conv2d)
+        ]
+
+    found = stages(model.net)
+    if len(found) == 1:
+        name, module = found[0]
+        found = stages(module, name + ".") or found
+    if len(found) >= 2:
+        return [name for name, _ in found[-2:]]
     convs = [n for n, m in model.net.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise UserError("the model has no convolution to dissect")
@@ -138,34 +145,36 @@ class _ProbeImages(torch.utils.data.Dataset):
 
 
 class _AdversarialProbe:
-    """Re-iterable ``(adversarial images, masks)`` batches: shards read one at a time,
-    each image with its real image's masks."""
+    """Re-iterable ``(adversarial images, masks)`` batches: images streamed from the
+    set's shards a batch at a time, each with its real image's masks."""
 
-    def __init__(self, folder: Path, probe: BrodenProbe, batch_size: int):
-        self.shards = sorted((Path(folder) / "shards").glob("*.safetensors"))
+    def __init__(
+        self, adversarial: str | Path | AdversarialSet, probe: BrodenProbe, batch_size: int
+    ):
+        if not isinstance(adversarial, AdversarialSet):
+            adversarial = AdversarialSet(adversarial)
+        self.adversarial = adversarial
         self.probe = probe
         self.batch_size = batch_size
 
     def __len__(self) -> int:
-        """Batches in one pass (the progress bar's total), from the shards' headers."""
-        from safetensors import safe_open
-
-        total = 0
-        for shard in self.shards:
-            with safe_open(str(shard), "pt") as f:
-                total += -(-f.get_slice("indices").get_shape()[0] // self.batch_size)
-        return total
+        """Batches in one pass (the progress bar's total)."""
+        return -(-len(self.adversarial) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        for shard in self.shards:
-            part = read_state_dict(shard)
-            for images, idx in zip(
-                part["images"].split(self.batch_size),
-                part["indices"].split(self.batch_size),
-                strict=True,
-            ):
-                masks = collate_masks([self.probe.masks(int(i)) for i in idx], self.probe.mask_size)
-                yield images, masks
+        for images, pos in self.adversarial.batches(self.batch_size):
+            idx = self.adversarial.indices[pos]
+            masks = collate_masks([self.probe.masks(int(i)) for i in idx], self.probe.mask_size)
+            yield images, masks
+
+
+def adversarial_probe_batches(
+    adversarial: str | Path | AdversarialSet, probe: BrodenProbe, batch_size: int = 100
+) -> _AdversarialProbe:
+    """Re-iterable ``(adversarial images, masks)`` batches of a set made from ``probe``'s
+    images (its ``indices`` are probe rows), each image with its real image's masks: what
+    :func:`~advinterp.metrics.dissect.dissect` reads for the adversarial side."""
+    return _AdversarialProbe(adversarial, probe, batch_size)
 
 
 @dataclass
@@ -202,12 +211,16 @@ def dissect_model(
     seed: int = 0,
     workers: int = 0,
     progress: bool = True,
+    attack_options: Mapping[str, object] | None = None,
+    per_image: bool = False,
 ) -> DissectionResult:
     """Dissect ``layers`` (default :func:`default_dissect_layers`) of ``model`` on ``probe``.
 
     With ``adversarial`` (a folder), every probe image is attacked first (``opt``,
     least-likely target, seeded; the set is written there and a killed run
-    resumes it) and the adversarial images are dissected too.
+    resumes it) and the adversarial images are dissected too. ``attack_options``
+    (``lam``, ``steps``, ``keep``) go to the attack; a set made with other ones is rebuilt.
+    ``per_image`` keeps the IoU counts per probe image (for a bootstrap of Table 1).
     """
     layers = map_layers(model, layers if layers else default_dissect_layers(model))
     common = dict(
@@ -216,6 +229,7 @@ def dissect_model(
         quantile=quantile,
         iou_threshold=iou_threshold,
         progress=progress,
+        per_image=per_image,
     )
     real = dissect(model, layers, probe_batches(probe, batch_size, workers), **common)
     result = DissectionResult(
@@ -226,11 +240,12 @@ def dissect_model(
     )
     if adversarial is not None:
         adversarial = Path(adversarial)
-        per_image = 4 * model.in_chans * probe.input_size**2
         images = _ProbeImages(probe)
-        chunk = max(100, min(2000, _CHUNK_BYTES // per_image))
+        chunk = default_chunk((model.in_chans, probe.input_size, probe.input_size))
         spec = _model_fingerprint(model)
+        options = dict(attack_options or {})
         expected = {"model": spec, "dataset": images.name, "n": len(images), "seed": seed}
+        expected |= options
         _drop_foreign_set(adversarial, expected | {"chunk": chunk}, progress)
         meta = build_adversarial_set(
             model,
@@ -245,6 +260,8 @@ def dissect_model(
             resume=True,
             model_spec=spec,
             progress=progress,
+            workers=workers,
+            **options,
         )
         stats = meta.get("stats", {})
         result.attack = {

@@ -4,10 +4,12 @@ For each chosen unit (channel) of a layer: the ``k`` = 8 real images with the
 strongest responses and the 8 strongest adversarial images, each with its
 salient region (a discrepancy map, or the cheaper upsampled activation map),
 labelled with its true class, the model's prediction and the response. As in
-the paper, an adversarial image is boxed when the model classifies it into a
-class close in WordNet to the real images' dominant class (distance ≤ 2 by
-default, which includes that class itself): the unit fires for what the model
-*predicts*, not for what the image shows.
+the paper, an adversarial image is boxed when the attack fooled the model on it
+(:func:`~advinterp.attacks.base.attack_succeeded`) and the model classifies it
+into a class close in WordNet to the real images' dominant class (distance ≤ 2
+by default, which includes that class itself): the unit fires for what the
+model *predicts*, not for what the image shows. An image the attack failed on
+is still predicted as its own class and is never boxed.
 
 Units are given, or the ``count`` with the highest LC (eq. 11, over the top 1%
 of real images: the most class-specific units), or ``count`` drawn at random
@@ -182,8 +184,8 @@ def unit_galleries(
             (``patch``, ``stride``, ``fill``).
         distances: ``K×K`` WordNet class distances (default: from the model's wnids;
             without them, no LC and no boxes).
-        box_distance: box adversarial images predicted within this distance of the
-            real images' dominant class.
+        box_distance: box adversarial images the attack fooled the model on and that it
+            predicts within this distance of the real images' dominant class.
         fraction: share of the real images whose classes define LC (the paper's 1%).
 
     Example::
@@ -208,7 +210,7 @@ def unit_galleries(
             f"class distances are {tuple(distances.shape)} but the model has {num_classes} classes"
         )
     if units is not None:  # fail before the passes, not after
-        select_units(layer_maps(model, layer, pairs.images[:1]).shape[1], units)
+        select_units(layer_maps(model, layer, pairs.adversarial_images([0])).shape[1], units)
     k_lc = k_for_fraction(len(pairs), fraction)
     real_top = top_pass(
         model,
@@ -267,7 +269,7 @@ def unit_galleries(
         r_pos, r_val = real_pos[u][r_keep].cpu(), real_values[u][r_keep].cpu()
         a_pos, a_val = adv_pos[u][a_keep].cpu(), adv_values[u][a_keep].cpu()
         real_images = pairs.real_images(r_pos.tolist())
-        adv_images = pairs.images[a_pos]
+        adv_images = pairs.adversarial_images(a_pos)
         model.eval()
         with torch.inference_mode():
             real_preds = model(real_images).argmax(1).cpu()
@@ -296,7 +298,8 @@ def unit_galleries(
                     "success": bool(success[p]),
                     "response": float(v),
                     "distance": dist,
-                    "boxed": dist is not None and dist <= box_distance,
+                    # Misclassified by the attack into a class near the real images' one.
+                    "boxed": bool(success[p]) and dist is not None and dist <= box_distance,
                 }
             )
         gallery = UnitGallery(
@@ -451,7 +454,7 @@ def plot_unit_gallery(
             f"attack {attack.get('method') or '?'}: success {100 * attack['success_rate']:.1f}%"
             + ("" if l2 is None else f", mean L2 {l2:.2f}")
             + (
-                f" · red box: predicted within WordNet distance {box_distance:g} of {name}"
+                f" · red box: fooled, predicted within WordNet distance {box_distance:g} of {name}"
                 if box_distance is not None
                 else ""
             )

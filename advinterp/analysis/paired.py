@@ -3,9 +3,12 @@
 An adversarial set from ``advinterp attack`` holds, for each of its ``M``
 images, the index of the clean image it was made from. The analysis indexes
 both sets by *position* ``p`` in the adversarial set: real image ``p`` is
-``dataset[indices[p]]``, adversarial image ``p`` is ``images[p]``, so the real
-and adversarial sets have the same size and the same true classes, as in the
-paper (§2, §4.2: the validation set and its adversarial counterpart).
+``dataset[indices[p]]``, adversarial image ``p`` is image ``p`` of the set, so
+the real and adversarial sets have the same size and the same true classes, as
+in the paper (§2, §4.2: the validation set and its adversarial counterpart).
+Both are streamed batch by batch: the real images from their dataset, the
+adversarial ones from the set's shards (:class:`~advinterp.attacks.advset.AdversarialSet`),
+so no pass holds more than a batch of either.
 
 :func:`open_paired_sets` checks that the set fits the model and the dataset
 (same labels, same image size, same clean predictions) before any long pass.
@@ -18,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from advinterp.attacks.advset import AdversarialSet
+from advinterp.attacks.base import attack_succeeded
 from advinterp.data import TensorImageSet, batches, open_dataset
+from advinterp.device import model_device
 from advinterp.errors import UserError
+from advinterp.progress import progress as tqdm
 from advinterp.record import Recorder
 from advinterp.stats import TopK
 
@@ -31,6 +37,7 @@ __all__ = ["PairedSets", "open_paired_sets", "pair_sets", "top_pass"]
 # (float summation order differs between batch sizes and machines).
 _PREDICTION_TOLERANCE = 0.01
 _CHECK_IMAGES = 500
+_CHECK_BATCH = 50  # images per forward pass of the check: 500 at 224² would take gigabytes
 
 
 class _Positions(torch.utils.data.Dataset):
@@ -54,27 +61,48 @@ class PairedSets:
     """A real image set and its adversarial counterpart, both indexed by position.
 
     ``real`` yields ``(x, label, p)`` items (use :func:`advinterp.data.batches`);
-    the tensors are those of :func:`advinterp.attacks.advset.load_adversarial_set`
-    and ``meta`` its ``attack.json``.
+    ``adversarial`` is the set, its images on disk (or in memory, for a set built
+    with :meth:`AdversarialSet.from_tensors`). ``labels``, ``targets``, ``preds``,
+    ``clean_preds``, ``indices`` and ``meta`` (its ``attack.json``) are the set's.
+    ``workers`` and ``pin_memory`` go to the real images' loader (image folders).
     """
 
     real: torch.utils.data.Dataset
-    images: torch.Tensor
-    labels: torch.Tensor
-    targets: torch.Tensor
-    preds: torch.Tensor
-    clean_preds: torch.Tensor
-    indices: torch.Tensor
-    meta: dict
+    adversarial: AdversarialSet
+    workers: int = 0
+    pin_memory: bool = False
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.adversarial)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.adversarial.labels
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.adversarial.targets
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.adversarial.preds
+
+    @property
+    def clean_preds(self) -> torch.Tensor:
+        return self.adversarial.clean_preds
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.adversarial.indices
+
+    @property
+    def meta(self) -> dict:
+        return self.adversarial.meta
 
     @property
     def success(self) -> torch.Tensor:
         """Per image: the attack reached its target (targeted) or changed the true label (not)."""
-        targeted = self.targets >= 0
-        return torch.where(targeted, self.preds == self.targets, self.preds != self.labels)
+        return attack_succeeded(self.preds, self.labels, self.targets)
 
     @property
     def attack_classes(self) -> torch.Tensor:
@@ -99,19 +127,23 @@ class PairedSets:
         self, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(images, true labels, positions)`` batches of the real images."""
-        return batches(self.real, batch_size)
+        return batches(self.real, batch_size, workers=self.workers, pin_memory=self.pin_memory)
 
     def adversarial_batches(
         self, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(images, true labels, positions)`` batches of the adversarial set."""
-        for start in range(0, len(self), batch_size):
-            pos = torch.arange(start, min(start + batch_size, len(self)))
-            yield self.images[start : start + batch_size], self.labels[pos], pos
+        """``(images, true labels, positions)`` batches of the adversarial set, read from
+        its shards one batch at a time."""
+        for images, pos in self.adversarial.batches(batch_size):
+            yield images, self.labels[pos], pos
 
     def real_images(self, positions: Sequence[int]) -> torch.Tensor:
         """The real images at ``positions``, stacked (for galleries)."""
         return torch.stack([self.real[int(p)][0] for p in positions])
+
+    def adversarial_images(self, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The adversarial images at ``positions``, stacked (for galleries)."""
+        return self.adversarial.images_at(positions)
 
 
 def _dataset_spec(name: str | None) -> tuple[str, str]:
@@ -131,21 +163,22 @@ def open_paired_sets(
     data: str | None = None,
     split: str | None = None,
     data_root: str | None = None,
+    workers: int = 0,
 ) -> PairedSets:
-    """Read the adversarial set in folder ``adversarial`` and pair it with its real images.
+    """Open the adversarial set in folder ``adversarial`` and pair it with its real images.
 
     The real images come from the dataset the set names in ``attack.json``
-    (``data``/``split``/``data_root`` override it). Raises :class:`UserError`
-    when the folder is missing or incomplete, or the set does not fit the model
-    or the dataset.
+    (``data``/``split``/``data_root`` override it); an image folder is decoded by
+    ``workers`` processes, into page-locked memory when the model is on a GPU.
+    The adversarial images stay on disk until a pass reads them. Raises
+    :class:`UserError` when the folder is missing or incomplete, or the set does
+    not fit the model or the dataset.
 
     Example::
 
         pairs = open_paired_sets(load_model("runs/resnet"), "runs/resnet-opt")
         len(pairs), pairs.attack_stats()["success_rate"]
     """
-    from advinterp.attacks.advset import load_adversarial_set
-
     folder = Path(adversarial)
     if not (folder / "attack.json").is_file():
         what = "does not exist" if not folder.exists() else "holds no attack.json"
@@ -153,26 +186,34 @@ def open_paired_sets(
             f"adversarial set {folder} {what}: make one with "
             f"`advinterp attack --model CKPT --method opt --out {folder}`"
         )
-    tensors, meta = load_adversarial_set(folder)
+    adv = AdversarialSet(folder)
+    meta = adv.meta
     if data is not None:
         spec, default_split = data, "test"
     else:
         spec, default_split = _dataset_spec(meta.get("dataset"))
     dataset = open_dataset(spec, split or default_split, data_root, model=model)
-    return pair_sets(model, dataset, tensors, meta, source=str(folder))
+    pairs = pair_sets(model, dataset, adv, source=str(folder))
+    pairs.workers = workers
+    return pairs
 
 
 def pair_sets(
     model,
     dataset,
-    tensors: Mapping[str, torch.Tensor],
-    meta: dict,
+    adversarial: AdversarialSet | Mapping[str, torch.Tensor],
+    meta: dict | None = None,
     source: str = "the adversarial set",
 ) -> PairedSets:
-    """Pair loaded adversarial ``tensors`` with the real ``dataset`` they were made from,
-    checking indices, labels, image size, class range and the model's clean predictions."""
-    indices = tensors["indices"].to(torch.int64)
-    labels = tensors["labels"].to(torch.int64)
+    """Pair an adversarial set with the real ``dataset`` it was made from, checking
+    indices, labels, image size, class range and the model's clean predictions.
+
+    ``adversarial`` is an :class:`AdversarialSet`, or its tensors (every key of
+    :data:`~advinterp.attacks.advset.KEYS`) with ``meta``, its ``attack.json``.
+    """
+    if not isinstance(adversarial, AdversarialSet):
+        adversarial = AdversarialSet.from_tensors(adversarial, meta or {})
+    indices, labels = adversarial.indices, adversarial.labels
     n_data = len(dataset)
     if len(indices) == 0:
         raise UserError(f"{source} holds no images; rerun the attack")
@@ -190,7 +231,7 @@ def pair_sets(
         )
     num_classes = getattr(model, "num_classes", None)
     for key in ("labels", "targets", "preds", "clean_preds"):
-        top = int(tensors[key].max())
+        top = int(getattr(adversarial, key).max())
         if num_classes is not None and top >= num_classes:
             raise UserError(
                 f"{source} has {key} up to class {top} but the model has {num_classes} classes: "
@@ -206,26 +247,28 @@ def pair_sets(
         )
     else:
         real = _Positions(dataset, indices)
-    images = tensors["images"]
     pairs = PairedSets(
         real=real,
-        images=images,
-        labels=labels,
-        targets=tensors["targets"].to(torch.int64),
-        preds=tensors["preds"].to(torch.int64),
-        clean_preds=tensors["clean_preds"].to(torch.int64),
-        indices=indices,
-        meta=dict(meta),
+        adversarial=adversarial,
+        pin_memory=model_device(model).type == "cuda",
     )
-    x, _, pos = next(iter(pairs.real_batches(min(_CHECK_IMAGES, len(pairs)))))
-    if tuple(x.shape[1:]) != tuple(images.shape[1:]):
-        raise UserError(
-            f"{source} holds {'×'.join(map(str, images.shape[1:]))} images but the dataset gives "
-            f"{'×'.join(map(str, x.shape[1:]))}: it was made from other data or for another model"
-        )
+    shape = tuple(adversarial.image_shape)
     model.eval()
-    with torch.inference_mode():
-        agree = float((model(x).argmax(1) == pairs.clean_preds[pos]).float().mean())
+    checked = agreed = 0
+    for x, _, pos in pairs.real_batches(_CHECK_BATCH):
+        if tuple(x.shape[1:]) != shape:
+            raise UserError(
+                f"{source} holds {'×'.join(map(str, shape))} images but the dataset gives "
+                f"{'×'.join(map(str, x.shape[1:]))}: it was made from other data or for another "
+                "model"
+            )
+        with torch.inference_mode():
+            preds = model(x).argmax(1).cpu()
+        agreed += int((preds == pairs.clean_preds[pos]).sum())
+        checked += len(pos)
+        if checked >= _CHECK_IMAGES:
+            break
+    agree = agreed / max(checked, 1)
     if agree < 1 - _PREDICTION_TOLERANCE:
         raise UserError(
             f"{source} was made for another model: its stored clean predictions agree with this "
@@ -264,7 +307,8 @@ def top_pass(
     first item is the images and last their positions. Returns
     ``{store: {layer: TopK}}``, the same as feeding every batch to one
     :class:`~advinterp.stats.TopK` per layer; the forward pass runs once whatever
-    the number of stores.
+    the number of stores. The stores fill on the model's device (positions and
+    ``allowed`` follow the responses there) and are returned on the CPU.
 
     Responses of all layers are concatenated and folded into one top-k store per
     ``flush_rows`` images rather than per layer and batch: with small batches
@@ -273,6 +317,7 @@ def top_pass(
     """
     sizes: dict[str, int] = {}
     merged: dict[str, TopK] = {}
+    allowed_on: dict[str, torch.Tensor | None] = {}
     pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in stores}
     rows = dict.fromkeys(stores, 0)
 
@@ -290,11 +335,17 @@ def top_pass(
         ):
             x, pos = item[0], item[-1]
             responses = rec(x)
+            joined = torch.cat(list(responses.values()), dim=1)
             if not sizes:
                 sizes = {layer: resp.shape[1] for layer, resp in responses.items()}
                 merged = {name: TopK(k, sum(sizes.values())) for name, (k, _) in stores.items()}
-            joined = torch.cat(list(responses.values()), dim=1)
-            for name, (_, allowed) in stores.items():
+                allowed_on = {
+                    name: None if allowed is None else allowed.to(joined.device)
+                    for name, (_, allowed) in stores.items()
+                }
+            pos = torch.as_tensor(pos).to(joined.device, non_blocking=True)
+            for name in stores:
+                allowed = allowed_on[name]
                 if allowed is None:
                     pending[name].append((joined, pos))
                 else:
@@ -306,7 +357,7 @@ def top_pass(
     tops: dict[str, dict[str, TopK]] = {}
     for name, top in merged.items():
         flush(name)
-        values, indices = top.result()
+        values, indices = (t.cpu() for t in top.result())
         tops[name], start = {}, 0
         for layer, size in sizes.items():
             part = TopK(top.k, size)

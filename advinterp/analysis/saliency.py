@@ -19,10 +19,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from advinterp.device import model_device
 from advinterp.errors import UserError
-from advinterp.record import REDUCTIONS, resolve_layers
+from advinterp.progress import progress as tqdm
+from advinterp.record import Recorder, check_reduction, reduce_map
 
 __all__ = [
     "SALIENCY",
@@ -39,33 +40,12 @@ __all__ = [
 SALIENCY = ("discrepancy", "activation")
 
 
-class _Stop(Exception):
-    """Raised by the hook once the recorded layer has run: the rest of the network is unused."""
-
-
 def layer_maps(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     """The output of ``layer`` (a name of ``model.net``) for images ``x``, without running
     the layers after it. ``N×C×h×w`` (or whatever the layer returns), detached."""
-    (name,) = resolve_layers(model, layer)
-    module = dict(getattr(model, "net", model).named_modules())[name]
-    captured: list[torch.Tensor] = []
-
-    def hook(mod, inputs, output):
-        captured.append(output.detach())
-        raise _Stop
-
-    handle = module.register_forward_hook(hook)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise UserError(
-            f"layer {name} did not run in the forward pass; pick a layer the model uses"
-        )
-    return captured[0]
+    with Recorder(model, layer, reduce=None, stop=True) as rec:
+        (out,) = rec(x).values()
+    return out
 
 
 def unit_responses(
@@ -73,11 +53,16 @@ def unit_responses(
 ) -> torch.Tensor:
     """Response of unit ``units[i]`` of ``layer`` to image ``x[i]``: the spatial max (or mean)
     of its channel, as :class:`advinterp.record.Recorder` computes it."""
-    if reduce not in REDUCTIONS:
-        raise UserError(f"unknown reduction {reduce!r}: use one of {', '.join(REDUCTIONS)}")
+    check_reduction(reduce)
     out = layer_maps(model, layer, x)
-    maps = out[torch.arange(len(x), device=out.device), units.to(out.device)].flatten(1)
-    return maps.amax(1) if reduce == "max" else maps.mean(1)
+    own = out[torch.arange(len(x), device=out.device), units.to(out.device)]
+    return reduce_map(own[:, None], reduce)[:, 0]
+
+
+def _units_per_image(units, n: int, device: torch.device) -> torch.Tensor:
+    """``units`` as one int64 unit index per image of ``n``: as given, or one for all."""
+    units = torch.as_tensor(units, dtype=torch.int64).flatten().to(device)
+    return units.expand(n) if units.numel() == 1 else units
 
 
 def default_patch(size: int) -> tuple[int, int]:
@@ -153,16 +138,16 @@ def discrepancy_maps(
         units: one unit index per image, or one for all.
         patch, stride: default :func:`default_patch` (5 and 2 on 28×28).
 
-    Returns ``N×H×W`` float maps (unnormalised: the response scale).
+    Returns ``N×H×W`` float maps (unnormalised: the response scale), on the model's
+    device, where the occluded copies are made.
 
     Example::
 
         maps = discrepancy_maps(model, "layer3.0.conv2", x[:8], units=17)
     """
     n, channels, height, width = images.shape
-    units = torch.as_tensor(units, dtype=torch.int64).flatten()
-    if units.numel() == 1:
-        units = units.expand(n)
+    images = images.to(model_device(model, images.device))
+    units = _units_per_image(units, n, images.device)
     if patch is None:
         patch, auto_stride = default_patch(min(height, width))
         stride = stride or auto_stride
@@ -205,9 +190,7 @@ def activation_maps(
     """The feature map of unit ``units[i]`` on ``images[i]``, upsampled bilinearly to the
     image size: ``N×H×W`` in the unit's response scale."""
     n, _, height, width = images.shape
-    units = torch.as_tensor(units, dtype=torch.int64).flatten()
-    if units.numel() == 1:
-        units = units.expand(n)
+    units = _units_per_image(units, n, images.device)
     model.eval()
     out = []
     with torch.inference_mode():

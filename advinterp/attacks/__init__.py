@@ -14,6 +14,7 @@ from torch import nn
 from advinterp.attacks.adapter import TorchattacksAdapter
 from advinterp.attacks.base import (
     Attack,
+    attack_succeeded,
     least_likely_targets,
     predict_logits,
     random_targets,
@@ -94,8 +95,8 @@ def attack_stats(
 ) -> dict:
     """How an attack went: success rate, distances, and the model's predictions on ``x_adv``.
 
-    Success is ``pred == target`` when ``target`` is given (targeted), else
-    ``pred != y`` (``y`` None: the clean predictions stand in). Returns
+    Success is :func:`attack_succeeded`: ``pred == target`` where a target is
+    given (≥ 0), else ``pred != y`` (``y`` None: the clean predictions stand in). Returns
     ``success_rate``, ``accuracy`` (``pred == y``), ``mean_l2`` and
     ``mean_linf`` (pixel units, [0, 1] scale), ``eps`` (as given), ``n`` and
     ``predictions`` (int64 tensor on ``x``'s device).
@@ -107,7 +108,7 @@ def attack_stats(
     if y is None:
         y = predict_logits(model, x, batch_size).argmax(dim=1)
     y = y.to(pred.device)
-    fooled = pred == target.to(pred.device) if target is not None else pred != y
+    fooled = attack_succeeded(pred, y, target)
     delta = (x_adv - x).flatten(1)
     return {
         "success_rate": _mean(fooled),
@@ -134,6 +135,7 @@ __all__ = [
     "Opt",
     "TorchattacksAdapter",
     "attack_stats",
+    "attack_succeeded",
     "least_likely_targets",
     "make_attack",
     "random_targets",

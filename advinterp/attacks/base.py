@@ -8,9 +8,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from advinterp.device import model_device
 from advinterp.errors import UserError
+from advinterp.progress import progress as tqdm
 
 TARGET_CHOICES = ("least-likely", "random")
 
@@ -18,6 +19,22 @@ TARGET_CHOICES = ("least-likely", "random")
 def least_likely_targets(logits: torch.Tensor) -> torch.Tensor:
     """The class each image is least likely to be (the paper's y*), from clean ``logits``."""
     return logits.argmin(dim=1)
+
+
+def attack_succeeded(
+    preds: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per image, whether the attack succeeded: a boolean tensor.
+
+    Targeted images (``targets`` ≥ 0) succeed when the prediction on the
+    adversarial image is the target; untargeted ones (``targets`` None, or −1
+    as adversarial sets store it) when it is not the label.
+    """
+    labels = labels.to(preds.device)
+    if targets is None:
+        return preds != labels
+    targets = targets.to(preds.device)
+    return torch.where(targets >= 0, preds == targets, preds != labels)
 
 
 def random_targets(
@@ -143,14 +160,15 @@ class Attack:
         ``−L(f(x), y*)`` in eqs. 1 and 2. ``L`` is the cross-entropy summed
         over the batch, so a sample's gradient does not depend on the batch
         size; only the input gradient is requested, so no parameter gradient
-        is computed or stored.
+        is computed or stored. The gradient is on ``x_adv``'s device; the labels may sit
+        on the model's or the input's.
         """
         x_adv = x_adv.detach().requires_grad_(True)
         logits = self.model(x_adv)
         if target is None:
-            loss = F.cross_entropy(logits, y, reduction="sum")
+            loss = F.cross_entropy(logits, y.to(logits.device), reduction="sum")
         else:
-            loss = -F.cross_entropy(logits, target, reduction="sum")
+            loss = -F.cross_entropy(logits, target.to(logits.device), reduction="sum")
         (grad,) = torch.autograd.grad(loss, x_adv)
         return grad
 
@@ -188,7 +206,7 @@ class Attack:
             check_images(x)
             return x.clone()
         gen = torch.Generator().manual_seed(self.seed)  # on the CPU: same draws on any device
-        device = _model_device(self.model, x.device)
+        device = model_device(self.model, x.device)
         # Attacks need autograd even when the caller is in no_grad or inference mode.
         with (
             _eval_mode(self.model),
@@ -251,7 +269,7 @@ class Attack:
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Logits of ``model`` (in eval mode) on ``x``, in batches, on ``x``'s device."""
-    device = _model_device(model, x.device)
+    device = model_device(model, x.device)
     with _eval_mode(model), torch.inference_mode():
         chunks = [model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
     if not chunks:
@@ -318,11 +336,3 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``, as a normal tensor: autograd refuses inference-mode tensors."""
     t = t.to(device)
     return t.clone() if t.is_inference() else t
-
-
-def _model_device(model: nn.Module, default: torch.device) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return default

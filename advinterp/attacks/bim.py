@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from advinterp.attacks.base import Attack, check_positive, check_steps
+from advinterp.attacks.fgsm import fgsm_step
 
 
 def kurakin_steps(eps: float) -> int:
@@ -56,6 +57,6 @@ class BIM(Attack):
     def forward(self, x, y, target, gen):
         x_adv = x
         for _ in range(self.steps):
-            x_adv = x_adv + self.alpha * self.loss_grad(x_adv, y, target).sign()
-            x_adv = self.project(x_adv, x)
+            grad = self.loss_grad(x_adv, y, target)
+            x_adv = self.project(fgsm_step(x_adv, grad, self.alpha), x)
         return x_adv

@@ -8,6 +8,19 @@ from torch import nn
 from advinterp.attacks.base import Attack
 
 
+def fgsm_step(x: torch.Tensor, grad: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """One FGSM step, eq. 1: ``clip[0,1](x + ε·sign(grad))``.
+
+    ``grad`` is the gradient of the loss to climb (for a targeted step, of
+    ``−L(f(x), y*)``). ``eps`` is a fraction of the pixel range, one number or
+    one per image (a tensor of ``len(x)`` values, as adversarial training draws
+    them). Returns a new tensor; ``x`` is not changed.
+    """
+    if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+        eps = eps.view(-1, *([1] * (x.dim() - 1)))
+    return (x + eps * grad.sign()).clamp_(0.0, 1.0)
+
+
 class FGSM(Attack):
     r"""FGSM from 'Explaining and Harnessing Adversarial Examples' (Goodfellow et al. 2015)
     [https://arxiv.org/abs/1412.6572]; eq. 1 of Dong, Su & Zhu (2022).
@@ -41,5 +54,4 @@ class FGSM(Attack):
         super().__init__(model, eps, targeted, target, seed)
 
     def forward(self, x, y, target, gen):
-        x_adv = x + self.eps * self.loss_grad(x, y, target).sign()
-        return x_adv.clamp_(0.0, 1.0)
+        return fgsm_step(x, self.loss_grad(x, y, target), self.eps)

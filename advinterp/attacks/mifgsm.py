@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from advinterp.attacks.base import Attack, check_positive, check_steps
+from advinterp.attacks.fgsm import fgsm_step
 
 
 class MIFGSM(Attack):
@@ -57,5 +58,5 @@ class MIFGSM(Attack):
             grad = self.loss_grad(x_adv, y, target)
             l1 = grad.abs().sum(dim=(1, 2, 3), keepdim=True).clamp_min_(1e-12)
             g = self.momentum * g + grad / l1
-            x_adv = self.project(x_adv + self.alpha * g.sign(), x)
+            x_adv = self.project(fgsm_step(x_adv, g, self.alpha), x)
         return x_adv

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from advinterp.attacks.base import Attack, check_positive, check_steps
+from advinterp.attacks.fgsm import fgsm_step
 
 
 class PGD(Attack):
@@ -53,6 +54,6 @@ class PGD(Attack):
         noise = torch.rand(x.shape, generator=gen).to(x.device, x.dtype)
         x_adv = self.project(x + self.eps * (2 * noise - 1), x)
         for _ in range(self.steps):
-            x_adv = x_adv + self.alpha * self.loss_grad(x_adv, y, target).sign()
-            x_adv = self.project(x_adv, x)
+            grad = self.loss_grad(x_adv, y, target)
+            x_adv = self.project(fgsm_step(x_adv, grad, self.alpha), x)
         return x_adv

@@ -50,6 +50,9 @@ class TensorImageSet(torch.utils.data.Dataset):
         return self.images[i].float().div_(255), int(self.labels[i]), i
 
     def subset(self, limit: int | None) -> TensorImageSet:
+        """The first ``limit`` images (all of them when ``limit`` is None or larger)."""
+        if limit is not None and limit < 1:  # a negative slice would drop the last images
+            raise UserError(f"limit must be at least 1, got {limit}")
         if limit is None or limit >= len(self):
             return self
         return TensorImageSet(
@@ -109,12 +112,15 @@ def batches(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(images float [0,1], labels, dataset indices)`` batches.
 
     In-memory sets are sliced directly (no per-item Python work); image folders
     go through a DataLoader and drop undecodable images, warning once at the end
-    with their count.
+    with their count. For image folders, ``workers`` processes decode ahead of the
+    model and ``pin_memory`` gives page-locked batches (set it when the model is
+    on a GPU: the copy to it is then asynchronous).
     """
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -128,6 +134,7 @@ def batches(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate_decodable,
+        pin_memory=pin_memory,
     )
     skipped = 0
     for x, y, idx, bad in loader:

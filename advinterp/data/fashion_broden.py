@@ -36,12 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from advinterp.data.fashion import CLASSES as FASHION_CLASSES
 from advinterp.data.fashion import load_fashion_mnist
 from advinterp.errors import UserError
 from advinterp.io import cache_dir, read_json, write_json
+from advinterp.progress import progress as tqdm
 
 __all__ = ["COLORS", "TEXTURES", "draw_texture", "fashion_broden", "write_fashion_broden"]
 

@@ -23,8 +23,9 @@ class ImageFolderSet(torch.utils.data.Dataset):
     that cannot be decoded yields ``None`` in place of the tensor, and
     :func:`advinterp.data.batches` drops and counts it. Images are resized so
     the shorter side is ``input_size / 0.875`` and centre-cropped, the usual
-    ImageNet evaluation transform. ``limit`` keeps the first ``limit`` images,
-    taking the classes in turn.
+    ImageNet evaluation transform. Items take the classes in turn (every class's
+    first image, then every class's second, …); ``limit`` keeps the first
+    ``limit`` of them.
     """
 
     def __init__(
@@ -44,7 +45,7 @@ class ImageFolderSet(torch.utils.data.Dataset):
         self.classes = list(wnids)
         self.name = f"imagefolder:{root}"
         self.skipped = 0
-        self.samples: list[tuple[Path, int]] = []
+        by_class: list[list[tuple[Path, int]]] = []
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             if sub.name not in index:
                 raise UserError(
@@ -52,17 +53,15 @@ class ImageFolderSet(torch.utils.data.Dataset):
                     "(expected e.g. n01440764)"
                 )
             files = sorted(f for f in sub.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-            self.samples += [(f, index[sub.name]) for f in files]
+            by_class.append([(f, index[sub.name]) for f in files])
+        # Classes in turn (each one's first image, then each one's second, ...): the first N
+        # images span the classes of a folder sorted by wnid, and an item's index is the same
+        # whatever the limit, so a set made with --limit pairs with the whole folder.
+        rounds = itertools.zip_longest(*by_class)
+        self.samples: list[tuple[Path, int]] = [s for group in rounds for s in group if s]
         if not self.samples:
             raise UserError(f"no images found under {root} (expected {root}/<wnid>/<image>.JPEG)")
-        if limit is not None:
-            # Classes in turn (each one's first image, then each one's second, ...), so a
-            # small limit still spans the classes of a folder sorted by wnid.
-            by_class: dict[int, list[tuple[Path, int]]] = {}
-            for sample in self.samples:
-                by_class.setdefault(sample[1], []).append(sample)
-            rounds = itertools.zip_longest(*by_class.values())
-            self.samples = [s for group in rounds for s in group if s is not None][:limit]
+        self.samples = self.samples[:limit]
         self.mode = "L" if in_chans == 1 else "RGB"
         self.transform = v2.Compose(
             [

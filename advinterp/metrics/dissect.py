@@ -20,12 +20,12 @@ pass ``iou_threshold=0.4`` to follow its text.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from advinterp.errors import UserError
+from advinterp.progress import progress as tqdm
 from advinterp.record import Recorder
 from advinterp.stats import IoUCounts, Quantile
 
@@ -57,6 +57,8 @@ class Dissection:
     categories: list[str]
     label_category: torch.Tensor  # L, index into categories (-1: none)
     iou_threshold: float
+    # The IoU counts, kept per probe image when dissect(per_image=True) (else None).
+    counts: IoUCounts | None = field(default=None, repr=False)
 
     def best(self) -> list[UnitConcept]:
         """Per unit, its best concept (highest IoU over all labels of all categories)."""
@@ -82,6 +84,21 @@ class Dissection:
             name: 100.0 * float((hit & (category == k)).sum()) / units
             for k, name in enumerate(self.categories)
         }
+
+    def interpretable_resampled(self, weights: torch.Tensor) -> torch.Tensor:
+        """``B×K``: under each of ``B`` weightings of the probe images (``B×N``, e.g.
+        bootstrap counts), how many of the layer's units are interpretable in each category;
+        thresholds stay those of the whole probe. Needs ``dissect(..., per_image=True)``."""
+        if self.counts is None or not self.counts.per_image:
+            raise UserError(
+                "resampling needs the IoU counts kept per image: dissect(per_image=True)"
+            )
+        values, best = self.counts.resampled(weights).max(dim=2)  # B×U
+        category = self.label_category[best]
+        hit = (values > self.iou_threshold) & (category >= 0)
+        return torch.stack(
+            [(hit & (category == k)).sum(1) for k in range(len(self.categories))], dim=1
+        )
 
 
 def label_categories(categories: Mapping[str, Sequence[int]], num_labels: int) -> torch.Tensor:
@@ -120,6 +137,7 @@ def dissect(
     iou_threshold: float = 0.04,
     resolution: int = 8192,
     progress: bool = False,
+    per_image: bool = False,
 ) -> Dissection | dict[str, Dissection]:
     """Dissect one layer (or several, in the same two passes) of ``model`` on a probe.
 
@@ -137,6 +155,9 @@ def dissect(
         iou_threshold: best IoU above which a unit is interpretable (0.04, as
             NetDissect; the paper's text says 0.4).
         resolution: the quantile sketch's size (rank error ≈ 1.4/resolution).
+        per_image: keep the IoU counts image by image (``Dissection.counts``), so
+            Table 1 can be recomputed on resamples of the probe
+            (:meth:`Dissection.interpretable_resampled`); memory grows with the images.
 
     Returns a :class:`Dissection` for one layer name, ``{layer: Dissection}`` for a list.
 
@@ -171,7 +192,9 @@ def dissect(
             raise UserError("the probe is empty: no images to dissect")
         thresholds = {name: sketch.quantile(quantile) for name, sketch in sketches.items()}
         for name, sketch in sketches.items():
-            counts[name] = IoUCounts(sketch.num_units, len(labels), label_category, len(names))
+            counts[name] = IoUCounts(
+                sketch.num_units, len(labels), label_category, len(names), per_image=per_image
+            )
         sketches.clear()  # ~3 × resolution values a unit, not needed in the second pass
         for images, masks in tqdm(passes(), desc="dissect: IoU", disable=not progress):
             unknown = set(masks) - set(index)
@@ -190,6 +213,7 @@ def dissect(
             categories=names,
             label_category=label_category,
             iou_threshold=iou_threshold,
+            counts=counts[name] if per_image else None,
         )
         for name in rec.layers
     }

@@ -58,7 +58,12 @@ def class_distribution(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def _c_inner(a: torch.Tensor, b: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    # Row-wise aᵀ C b for U×K matrices a, b.
+    # Row-wise aᵀ C b for U×K matrices a, b. Only classes that some row of a or b holds
+    # contribute: with ImageNet's 1000 classes and a few top images per unit, the dense
+    # U×K×K product would cost ~1 GFLOP per layer for mostly zeros.
+    used = ((a != 0).any(0) | (b != 0).any(0)).nonzero().flatten()
+    if len(used) < C.shape[0]:
+        a, b, C = a[:, used], b[:, used], C[used][:, used]
     return ((a @ C) * b).sum(1)
 
 

@@ -150,6 +150,7 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> Classifie
     from advinterp.models import imagenet
 
     weights = None if weights is None else str(weights)
+    imagenet.check_model_name(spec)
     if weights is None and spec != "efficientnet_lite0":
         cached = imagenet.cached_weights(spec)
         if cached is None:
@@ -195,25 +196,20 @@ def load_state(model: Classifier, path: str | os.PathLike) -> None:
 
 
 def layer_shapes(model: Classifier) -> list[tuple[str, str, tuple[int, ...]]]:
-    """Every module of ``model.net`` with its type and output shape (batch of one)."""
-    shapes: dict[str, tuple] = {}
-    hooks = []
-    for name, module in model.net.named_modules():
-        if name:
-            hooks.append(
-                module.register_forward_hook(
-                    lambda m, i, o, name=name: shapes.__setitem__(
-                        name, (type(m).__name__, tuple(o.shape[1:]) if torch.is_tensor(o) else ())
-                    )
-                )
-            )
-    try:
-        with torch.inference_mode():
-            model.eval()(torch.zeros(1, model.in_chans, model.input_size, model.input_size))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [(name, kind, shape) for name, (kind, shape) in shapes.items()]
+    """Every module of ``model.net`` that runs, in the order it finishes, with its type and
+    output shape (batch of one)."""
+    from advinterp.record import Recorder
+
+    modules = dict(model.net.named_modules())
+    names = [name for name in modules if name]
+    # The model is called directly, not through the recorder: modules that do not run are
+    # left out rather than refused.
+    with Recorder(model, names, reduce=None) as rec, torch.inference_mode():
+        model.eval()(torch.zeros(1, model.in_chans, model.input_size, model.input_size))
+    return [
+        (name, type(modules[name]).__name__, tuple(out.shape[1:]) if torch.is_tensor(out) else ())
+        for name, out in rec.responses.items()
+    ]
 
 
 def conv_layers(model: Classifier) -> list[str]:

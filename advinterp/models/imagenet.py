@@ -295,6 +295,22 @@ def _build_timm(name: str, num_classes: int | None):
     return net, mean, std, size
 
 
+def check_model_name(name: str) -> None:
+    """Raise :class:`UserError` (with close matches) unless torchvision or timm knows ``name``."""
+    source, bare = _split_source(name.strip())
+    if source is None and bare == "efficientnet_lite0":
+        return
+    import timm
+
+    known_tv = bare in _torchvision_names()
+    if (source == "torchvision" and not known_tv) or (
+        source != "torchvision" and not known_tv and not timm.is_model(bare)
+    ):
+        raise _unknown_name(bare)
+    if source == "timm" and not timm.is_model(bare):
+        raise _unknown_name(bare)
+
+
 def _unknown_name(name: str) -> UserError:
     import timm
 

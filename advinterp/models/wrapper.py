@@ -51,6 +51,8 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The one place a batch meets the model's device: callers keep data where it is.
+        x = x.to(self.mean.device, non_blocking=True)
         x = (x - self.mean) / self.std
         if self.resize_to is not None and x.shape[-1] != self.resize_to:
             x = nn.functional.interpolate(

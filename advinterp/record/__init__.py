@@ -5,6 +5,12 @@ forward pass leaves ``layer → N×C`` unit responses (spatial max by default).
 The model's own code is never forked or changed.
 """
 
-from advinterp.record.hooks import REDUCTIONS, Recorder, resolve_layers
+from advinterp.record.hooks import (
+    REDUCTIONS,
+    Recorder,
+    check_reduction,
+    reduce_map,
+    resolve_layers,
+)
 
-__all__ = ["Recorder", "resolve_layers", "REDUCTIONS"]
+__all__ = ["Recorder", "resolve_layers", "check_reduction", "reduce_map", "REDUCTIONS"]

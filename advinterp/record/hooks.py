@@ -15,9 +15,29 @@ from torch import nn
 
 from advinterp.errors import UserError
 
-__all__ = ["Recorder", "resolve_layers", "REDUCTIONS"]
+__all__ = ["Recorder", "resolve_layers", "check_reduction", "reduce_map", "REDUCTIONS"]
 
 REDUCTIONS = ("max", "mean")
+
+
+def check_reduction(reduce: str) -> str:
+    """Return ``reduce``, or raise :class:`UserError` unless it is one of :data:`REDUCTIONS`."""
+    if reduce not in REDUCTIONS:
+        raise UserError(f"unknown reduction {reduce!r}: use one of {', '.join(REDUCTIONS)}")
+    return reduce
+
+
+def reduce_map(out: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    """``N×C×…`` → ``N×C``: max (or mean) over every dimension after the channel; a unit's
+    response. A 2-D output is returned as it is."""
+    if out.dim() <= 2:
+        return out
+    flat = out.flatten(2)
+    return flat.amax(2) if reduce == "max" else flat.mean(2)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every recorded layer has run: the rest of the network is unused."""
 
 
 def _network(model: nn.Module) -> nn.Module:
@@ -70,14 +90,22 @@ class Recorder:
     ``reduce="mean"``; a 2-D output is kept as is), detached, on the model's
     device. Layers named in ``keep_maps`` (or all, with ``True``) also keep their
     full output in ``maps[layer]`` (a copy, safe from later in-place ops), for
-    dissection. Works under ``torch.inference_mode`` and inside attacks (the
-    hooks never hold the autograd graph).
+    dissection. Works under ``torch.inference_mode`` and inside attacks (by
+    default the hooks never hold the autograd graph).
 
     Args:
         model: a :class:`~advinterp.models.Classifier` or any ``nn.Module``.
         layers: layer names, or ``"conv"`` for every ``Conv2d`` (default).
-        reduce: ``"max"`` (default, as the paper) or ``"mean"`` over space.
+        reduce: ``"max"`` (default, as the paper) or ``"mean"`` over space; ``None``
+            keeps each layer's raw output (not copied; any type, e.g. for its shape).
         keep_maps: ``False`` (default), ``True`` or a list of recorded layers.
+        inputs: record each layer's input (its first positional argument) instead
+            of its output; the input of the last ``Linear`` is the penultimate feature.
+        keep_graph: keep the autograd graph (nothing is detached), so that a loss on
+            what was recorded reaches the model's parameters (adversarial training's φ).
+        stop: stop the forward pass of ``rec(x)`` once every recorded layer has run:
+            the layers after them do not run and ``rec.output`` is None. A module that
+            runs more than once a pass is then recorded at its first run.
 
     Example::
 
@@ -90,14 +118,19 @@ class Recorder:
         self,
         model: nn.Module,
         layers: str | Sequence[str] = "conv",
-        reduce: str = "max",
+        reduce: str | None = "max",
         keep_maps: bool | Sequence[str] = False,
+        *,
+        inputs: bool = False,
+        keep_graph: bool = False,
+        stop: bool = False,
     ):
-        if reduce not in REDUCTIONS:
-            raise UserError(f"unknown reduction {reduce!r}: use one of {', '.join(REDUCTIONS)}")
+        if reduce is not None:
+            check_reduction(reduce)
         self.model = model
         self.layers = resolve_layers(model, layers)
         self.reduce = reduce
+        self.inputs, self.keep_graph, self.stop = bool(inputs), bool(keep_graph), bool(stop)
         if keep_maps is True:
             self.keep_maps = set(self.layers)
         else:
@@ -112,8 +145,13 @@ class Recorder:
         self.maps: dict[str, torch.Tensor] = {}
         self.output = None
         self._handles: list = []
+        self._in_call = False
 
     def __enter__(self) -> Recorder:
+        return self.open()
+
+    def open(self) -> Recorder:
+        """Register the hooks (as entering the context does); :meth:`close` removes them."""
         self.close()
         modules = dict(_network(self.model).named_modules())
         for name in self.layers:
@@ -134,7 +172,13 @@ class Recorder:
         if not self._handles:
             raise RuntimeError("Recorder is not active: use it as `with Recorder(...) as rec:`")
         self.responses, self.maps = {}, {}
-        self.output = self.model(x)
+        self._in_call = True
+        try:
+            self.output = self.model(x)
+        except _StopForward:
+            self.output = None
+        finally:
+            self._in_call = False
         missing = [n for n in self.layers if n not in self.responses]
         if missing:
             raise UserError(
@@ -144,21 +188,24 @@ class Recorder:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            if not torch.is_tensor(output):
+            if self.inputs:
+                if not inputs:
+                    raise UserError(f"layer {name} has no positional input to record")
+                output = inputs[0]
+            if torch.is_tensor(output):
+                out = output if self.keep_graph else output.detach()
+            elif self.reduce is None and name not in self.keep_maps:
+                out = output
+            else:
+                what = "takes" if self.inputs else "returns"
                 raise UserError(
-                    f"layer {name} returns {type(output).__name__}, not a tensor: "
+                    f"layer {name} {what} {type(output).__name__}, not a tensor: "
                     "record one of its submodules instead"
                 )
-            out = output.detach()
-            self.responses[name] = self.reduce_map(out)
+            self.responses[name] = out if self.reduce is None else reduce_map(out, self.reduce)
             if name in self.keep_maps:
                 self.maps[name] = out.clone()
+            if self.stop and self._in_call and len(self.responses) == len(self.layers):
+                raise _StopForward
 
         return hook
-
-    def reduce_map(self, out: torch.Tensor) -> torch.Tensor:
-        """``N×C×…`` → ``N×C``: max (or mean) over every dimension after the channel."""
-        if out.dim() <= 2:
-            return out
-        flat = out.flatten(2)
-        return flat.amax(2) if self.reduce == "max" else flat.mean(2)

@@ -165,20 +165,10 @@ def _read_summary(path: Path) -> dict:
     if not isinstance(data, dict):
         c.fail("the file", "should hold a JSON object")
     paper = c.obj(data.get("paper"), "paper")
-    findings = []
-    for i, f in enumerate(c.seq(data.get("findings"), "findings")):
-        f = c.obj(f, f"findings[{i}]")
-        held = f.get("held")
-        if held is not None and not isinstance(held, bool):
-            c.fail(f"findings[{i}].held", f"should be true, false or null, not {_short(held)}")
-        detail = f.get("detail")
-        findings.append(
-            (
-                c.text(f.get("claim"), f"findings[{i}].claim"),
-                held,
-                "" if detail is None else c.text(detail, f"findings[{i}].detail"),
-            )
-        )
+    findings = [
+        _finding(c, c.obj(f, f"findings[{i}]"), f"findings[{i}]")
+        for i, f in enumerate(c.seq(data.get("findings"), "findings"))
+    ]
     fig10 = {}
     for model, bins in c.obj(data.get("fig10"), "fig10").items():
         rows = []
@@ -197,10 +187,50 @@ def _read_summary(path: Path) -> dict:
         "paper_table2": _table2(c, paper.get("table2"), "paper.table2"),
         "fig10": fig10,
         "findings": findings,
+        "robustness": c.obj(data.get("robustness"), "robustness"),
+        "attacks": {
+            model: {
+                k: c.num(c.obj(a, f"attacks.{model}").get(k), f"attacks.{model}.{k}")
+                for k in ("lam", "steps", "success_rate", "mean_l2", "probe_success_rate")
+            }
+            for model, a in c.obj(data.get("attacks"), "attacks").items()
+        },
         "timings": {
             stage: c.num(s, f"timings.{stage}")
             for stage, s in c.obj(data.get("timings"), "timings").items()
         },
+    }
+
+
+VERDICTS = {True: "holds", False: "fails", None: "undecided"}
+
+
+def _finding(c: _Checks, f: dict, key: str) -> dict:
+    """One claim: its text, verdict (holds, fails, undecided; from ``held`` in older
+    summaries), estimate, 95% interval, unit, bound and parts."""
+    held = f.get("held")
+    if held is not None and not isinstance(held, bool):
+        c.fail(f"{key}.held", f"should be true, false or null, not {_short(held)}")
+    verdict = f.get("verdict", VERDICTS[held])
+    if verdict not in VERDICTS.values():
+        c.fail(f"{key}.verdict", f"should be holds, fails or undecided, not {_short(verdict)}")
+    interval = c.seq(f.get("interval"), f"{key}.interval")
+    if interval and len(interval) != 2:
+        c.fail(f"{key}.interval", f"should hold two bounds, not {len(interval)}")
+    detail, unit = f.get("detail"), f.get("unit")
+    return {
+        "claim": c.text(f.get("claim"), f"{key}.claim"),
+        "verdict": verdict,
+        "estimate": c.num(f.get("estimate"), f"{key}.estimate"),
+        "interval": [c.num(v, f"{key}.interval[{j}]") for j, v in enumerate(interval)],
+        "unit": "" if unit is None else c.text(unit, f"{key}.unit"),
+        "bound": c.num(f.get("bound"), f"{key}.bound"),
+        "above": f.get("above", True) is not False,
+        "detail": "" if detail is None else c.text(detail, f"{key}.detail"),
+        "parts": [
+            _finding(c, c.obj(p, f"{key}.parts[{j}]"), f"{key}.parts[{j}]")
+            for j, p in enumerate(c.seq(f.get("parts"), f"{key}.parts"))
+        ],
     }
 
 
@@ -219,8 +249,12 @@ def _table1(c: _Checks, data, key: str) -> dict:
     return out
 
 
+STRONG_ATTACKS = {"pgd20": "PGD-20", "autoattack": "AutoAttack"}
+
+
 def _table2(c: _Checks, data, key: str) -> dict:
-    """model → {"clean": (top1, top5), ε in 0–255 units: (top1, top5)}."""
+    """model → {"clean": (top1, top5), ε in 0–255 units: (top1, top5), "pgd20" and
+    "autoattack": top1}."""
     out = {}
     for model, row in c.obj(data, key).items():
         k = f"{key}.{model}"
@@ -237,6 +271,11 @@ def _table2(c: _Checks, data, key: str) -> dict:
         fgsm4 = tuple(c.num(row.get(t), f"{k}.{t}") for t in ("fgsm_top1", "fgsm_top5"))
         if fgsm4 != (None, None):
             cols[4.0] = fgsm4
+        # The stronger attacks, top-1 only, on the first test images (summary's robustness).
+        for attack in STRONG_ATTACKS:
+            value = c.num(row.get(f"{attack}_top1"), f"{k}.{attack}_top1")
+            if value is not None:
+                cols[attack] = value
         out[model] = cols
     return out
 
@@ -524,15 +563,21 @@ def _table2_html(summary: dict, models: list[str]) -> str:
     ours, paper = summary["table2"], summary["paper_table2"]
     if not ours and not paper:
         return f'<p class="note">{DASH} (no Table 2 in summary.json)</p>'
-    eps = sorted({k for row in [*ours.values(), *paper.values()] for k in row if k != "clean"})
+    rows_ = [*ours.values(), *paper.values()]
+    eps = sorted({k for row in rows_ for k in row if isinstance(k, float)})
+    strong = [a for a in STRONG_ATTACKS if any(a in row for row in rows_)]
+    robust = summary["robustness"]
+    eps_strong = robust.get("eps", 4)
     headers = ["model", "clean top-1", "clean top-5"]
     for e in eps:
         headers += [f"FGSM ε={_eps_label(e)} top-1", f"FGSM ε={_eps_label(e)} top-5"]
+    headers += [f"{STRONG_ATTACKS[a]} ε={_eps_label(eps_strong)} top-1" for a in strong]
 
     def row(label: str, cols: dict, cls: str) -> str:
         cells = [td(esc(label))]
         for key in ["clean", *eps]:
             cells += [num_td(v, cls=cls) for v in cols.get(key, (None, None))]
+        cells += [num_td(cols.get(a), cls=cls) for a in strong]
         return f"<tr>{''.join(cells)}</tr>"
 
     rows = []
@@ -542,10 +587,16 @@ def _table2_html(summary: dict, models: list[str]) -> str:
         if model in paper:
             rows.append(row(f"paper: {model}", paper[model], "num paper"))
     rows += [row(f"paper: {m}", paper[m], "num paper") for m in paper if m not in models]
-    return (
-        table(headers, rows, id="table2")
-        + '\n<p class="note">Top-1/top-5 accuracy in %; untargeted FGSM, ε in 0–255 units.</p>'
-    )
+    note = "Top-1/top-5 accuracy in %; untargeted FGSM, ε in 0–255 units."
+    images = {a: robust.get("pgd" if a == "pgd20" else a, {}).get("images") for a in strong}
+    if strong:
+        note += " " + "; ".join(
+            f"{STRONG_ATTACKS[a]} (untargeted, true labels) on the first "
+            f"{images[a] if images[a] is not None else '?'} test images"
+            for a in strong
+        )
+        note += " (AutoAttack: torchattacks' standard version)." if "autoattack" in strong else "."
+    return table(headers, rows, id="table2") + f'\n<p class="note">{esc(note)}</p>'
 
 
 def _fig10_html(summary: dict, models: list[str], fig10: str | None) -> str:
@@ -571,15 +622,75 @@ def _fig10_html(summary: dict, models: list[str], fig10: str | None) -> str:
     return "\n".join(parts)
 
 
+def _attacks_html(summary: dict) -> str:
+    """Each model's opt attack (eq. 4): its λ, and how many images it fooled."""
+    attacks = summary["attacks"]
+    if not attacks:
+        return ""
+    rows = [
+        "<tr>"
+        + td(esc(model))
+        + num_td(a["lam"], lambda v: DASH if v is None else f"{v:g}")
+        + num_td(a["steps"], count)
+        + num_td(None if a["success_rate"] is None else 100 * a["success_rate"])
+        + num_td(a["mean_l2"], score)
+        + num_td(None if a["probe_success_rate"] is None else 100 * a["probe_success_rate"])
+        + "</tr>"
+        for model, a in attacks.items()
+    ]
+    headers = ["model", "opt λ", "steps", "fooled, test images (%)", "mean L2"]
+    headers.append("fooled, probe (%)")
+    return (
+        table(headers, rows, id="attacks")
+        + '\n<p class="note">The adversarial images of Fig. 10 and Table 1: each model\'s λ '
+        "(and, where 20 Adam steps fall short at the largest λ, its steps) is the first of the "
+        "search that fools at least 95% of its images, so models are compared under attacks "
+        "of equal success.</p>"
+    )
+
+
 def _findings_html(summary: dict) -> str:
     if not summary["findings"]:
         return f'<p class="note">{DASH} (no findings in summary.json)</p>'
-    held_cell = {True: '<td class="yes">yes</td>', False: '<td class="no">no</td>'}
-    rows = [
-        f"<tr>{td(esc(claim))}{held_cell.get(held, td(DASH))}{td(esc(detail or DASH))}</tr>"
-        for claim, held, detail in summary["findings"]
-    ]
-    return table(["claim", "held", "detail"], rows, id="findings")
+    verdict_cls = {"holds": "yes", "fails": "no"}
+
+    def number(v) -> str:
+        return DASH if v is None else f"{v:+.3g}" if abs(v) < 1 else f"{v:+.2f}"
+
+    def row(f: dict, claim: str) -> str:
+        interval = (
+            f"[{number(f['interval'][0])}, {number(f['interval'][1])}]"
+            if len(f["interval"]) == 2
+            else DASH
+        )
+        unit = f" {f['unit']}" if f["unit"] else ""
+        bound = (
+            f"{'>' if f['above'] else '<'} {f['bound']:g}{unit}"
+            if f["estimate"] is not None or f["interval"]
+            else DASH
+        )
+        return (
+            f"<tr>{td(esc(claim))}"
+            + td(esc(f["verdict"]), cls=verdict_cls.get(f["verdict"]))
+            + td(esc(DASH if f["estimate"] is None else number(f["estimate"]) + unit))
+            + td(esc(interval))
+            + td(esc(bound))
+            + f"{td(esc(f['detail'] or DASH))}</tr>"
+        )
+
+    rows = []
+    for f in summary["findings"]:
+        rows.append(row(f, f["claim"]))
+        rows += [row(p, f"↳ {p['claim']}") for p in f["parts"]]
+    note = (
+        '\n<p class="note">Each claim is judged on the 95% bootstrap interval of its estimate: '
+        "it holds when the whole interval lies on the claim's side of the bound (no effect, "
+        "or the paper's limit), fails when none of it does, and is undecided when the "
+        "interval straddles the bound. A claim in parts holds when every part holds and "
+        "fails when one fails.</p>"
+    )
+    headers = ["claim", "verdict", "estimate", "95% interval", "claim's side", "detail"]
+    return table(headers, rows, id="findings") + note
 
 
 def _timings_html(summary: dict) -> str:
@@ -636,12 +747,14 @@ def _index_page(
 <a href="#sec-findings">Findings</a> <a href="#sec-timings">Timings</a> <a href="#sec-layers">Layers</a></nav>
 <h2 id="sec-table1">Table 1: interpretable units (Network Dissection)</h2>
 <p class="note">% of a layer's units whose best concept falls in each category, on real and on
-adversarial images{paper_note}.</p>
+adversarial images{paper_note}. A <code>-random</code> row is the same network untrained (random
+weights, seed 0) on the same probe and layers: the floor the shares are read against.</p>
 {_table1_html(summary, models)}
 {figures}<h2 id="sec-table2">Table 2: accuracy, clean and under FGSM</h2>
 {_table2_html(summary, models)}
 <h2 id="sec-fig10">Fig. 10: CS1 and CS2 against LC</h2>
 {_fig10_html(summary, models, fig10)}
+{_attacks_html(summary)}
 <h2 id="sec-findings">Findings</h2>
 {_findings_html(summary)}
 <h2 id="sec-timings">Timings</h2>

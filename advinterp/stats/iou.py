@@ -10,6 +10,11 @@ counts are needed, and they add up batch by batch: the intersections
 ``units × labels``, each label's area, and each unit's mask area over the
 images where each category is annotated (``units × categories``); the union is
 ``area(M_u) + area(L_c) − |M_u ∩ L_c|``. No mask is ever stored.
+
+With ``per_image=True`` the same three counts are also kept image by image (the
+intersections sparse, as a unit's mask covers a few pixels), so the IoU of any
+weighting of the images — a bootstrap resample — is a product of matrices
+(:meth:`IoUCounts.resampled`).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class IoUCounts:
         num_labels: int,
         label_category: Sequence[int] | torch.Tensor | None = None,
         num_categories: int | None = None,
+        per_image: bool = False,
     ):
         if num_units < 1 or num_labels < 1:
             raise UserError(
@@ -91,6 +97,12 @@ class IoUCounts:
         self.unit_area = torch.zeros(self.num_units, self.num_categories, dtype=torch.float64)
         self.count = 0
         self._placed = False
+        # Per image (per_image=True): the sparse intersections as (image, unit·L + label,
+        # count) triples, each unit's mask area, each label's area, the annotated categories.
+        self.per_image = bool(per_image)
+        self._images: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("inter_index", "inter_value", "unit_area", "label_area", "annotated")
+        }
 
     def add(
         self,
@@ -153,10 +165,11 @@ class IoUCounts:
                 size,
                 {k: (lab[rows], ann[rows]) for k, (lab, ann) in pixel.items()},
                 {k: (lab[rows], ann[rows]) for k, (lab, ann) in image.items()},
+                self.count + start,
             )
         self.count += n
 
-    def _add_chunk(self, maps, thresholds, size, pixel, image) -> None:
+    def _add_chunk(self, maps, thresholds, size, pixel, image, first: int = 0) -> None:
         masks = unit_masks(maps.to(self.intersection.device), thresholds, size)  # N×H×W×U
         n, height, width, units = masks.shape
         pixels, labels = height * width, self.num_labels
@@ -173,6 +186,11 @@ class IoUCounts:
                 hits = torch.bincount(unit * labels + ids, minlength=units * labels)
                 return hits.view(units, labels)
 
+            def image_hits_of(layer):  # per image, sparse: (image, unit·L + label), count
+                ids = layer.reshape(n, pixels)[which, where]
+                keys, hits = torch.unique((which * units + unit) * labels + ids, return_counts=True)
+                return keys // (units * labels), keys % (units * labels), hits
+
         else:
             # Dense masks (a low threshold): one contiguous row add per pixel.
             # Float32 counts are exact within a chunk (< 2**24 pixels).
@@ -183,11 +201,26 @@ class IoUCounts:
                 hits = torch.zeros(labels, units, device=flat.device)
                 return hits.index_add_(0, layer.reshape(-1), flat).t()
 
+            def image_hits_of(layer):
+                hits = torch.zeros(n * labels, units, device=flat.device)
+                keys = torch.arange(n, device=flat.device).repeat_interleave(pixels) * labels
+                hits.index_add_(0, keys + layer.reshape(-1), flat)
+                hits = hits.view(n, labels, units).transpose(1, 2).reshape(n, -1)
+                img, key = hits.nonzero(as_tuple=True)
+                return img, key, hits[img, key]
+
         area = area.double()  # N×U
+        keep = self.per_image
+        if keep:
+            annotated = torch.zeros(n, self.num_categories, dtype=torch.bool)
+            label_area = torch.zeros(n * labels, dtype=torch.float64, device=area.device)
+            self._images["unit_area"].append(area.float().cpu())
         for category, (lab, ann) in {**pixel, **image}.items():
             self.unit_area[:, category] += area[ann].sum(0)
             lab = lab * ann.view(-1, *([1] * (lab.dim() - 1)))  # labels of unannotated images
             lab = _first_occurrence(lab)
+            if keep:
+                annotated[:, category] = ann.cpu()
             if lab.dim() == 4:
                 for layer in lab.unbind(1):  # S overlapping masks: a handful
                     hits = hits_of(layer)
@@ -196,6 +229,15 @@ class IoUCounts:
                     area_of = torch.bincount(layer.reshape(-1), minlength=labels).double()
                     area_of[0] = 0
                     self.label_area += area_of
+                    if keep:
+                        img, key, hits = image_hits_of(layer)
+                        self._keep_hits(first + img, key, hits, labels)
+                        rows = torch.arange(n, device=layer.device).repeat_interleave(pixels)
+                        label_area.index_add_(
+                            0,
+                            rows * labels + layer.reshape(-1),
+                            torch.ones(layer.numel(), dtype=torch.float64, device=layer.device),
+                        )
             else:
                 which_image, slot = lab.nonzero(as_tuple=True)
                 ids = lab[which_image, slot]
@@ -203,6 +245,72 @@ class IoUCounts:
                 self.label_area.index_add_(
                     0, ids, torch.full_like(ids, pixels, dtype=torch.float64)
                 )
+                if keep:
+                    # The concept covers the image: its intersection is the unit's area.
+                    row, unit = area[which_image].nonzero(as_tuple=True)
+                    hits = area[which_image][row, unit]
+                    img = first + which_image[row]
+                    self._keep_hits(img, unit * labels + ids[row], hits, labels)
+                    label_area.index_add_(
+                        0,
+                        which_image * labels + ids,
+                        torch.full_like(ids, pixels, dtype=torch.float64),
+                    )
+        if keep:
+            label_area = label_area.view(n, labels)
+            label_area[:, 0] = 0
+            self._images["label_area"].append(label_area.float().cpu())
+            self._images["annotated"].append(annotated)
+
+    def _keep_hits(self, image, key, hits, labels) -> None:
+        """Keep per-image intersections (image, unit·L + label) → pixels, label 0 left out."""
+        scored = key % labels != 0
+        self._images["inter_index"].append(
+            torch.stack([image[scored], key[scored]]).to(torch.int64).cpu()
+        )
+        self._images["inter_value"].append(hits[scored].to(torch.float32).cpu())
+
+    def resampled(self, weights: torch.Tensor) -> torch.Tensor:
+        """``B×U×L`` IoU under ``B`` weightings of the images (``weights``, ``B×N``: e.g.
+        bootstrap counts, :func:`~advinterp.stats.bootstrap.resample_counts`); a row of
+        ones gives :meth:`result`. Needs ``per_image=True``."""
+        if not self.per_image:
+            raise UserError(
+                "resampled IoU needs the counts kept per image: IoUCounts(per_image=True)"
+            )
+        if weights.dim() != 2 or weights.shape[1] != self.count:
+            raise UserError(
+                f"weights must be B×{self.count} (one column per image), got {tuple(weights.shape)}"
+            )
+        images = {
+            k: torch.cat(v, dim=1 if k == "inter_index" else 0) if v else None
+            for k, v in self._images.items()
+        }
+        units, labels, n = self.num_units, self.num_labels, self.count
+        w = weights.to(torch.float64).cpu()
+        index = images["inter_index"]
+        if index is None:
+            index = torch.zeros(2, 0, dtype=torch.int64)
+            value = torch.zeros(0, dtype=torch.float64)
+        else:
+            value = images["inter_value"].double()
+        inter = torch.sparse_coo_tensor(
+            index, value, (n, units * labels), check_invariants=True
+        ).coalesce()
+        # (N × UL)ᵀ · (N × B) → UL × B: one sparse product for every resample.
+        inter = torch.sparse.mm(inter.t(), w.t().contiguous()).t().reshape(-1, units, labels)
+        label_area = (w @ images["label_area"].double()).unsqueeze(1)  # B×1×L
+        annotated = images["annotated"].double()  # N×K
+        unit_area = images["unit_area"].double()  # N×U
+        # Σᵢ wᵢ·area(M_u, i)·[category k annotated in i]: B×U×K, one category at a time.
+        unit_area = torch.stack(
+            [w @ (unit_area * annotated[:, k : k + 1]) for k in range(annotated.shape[1])], 2
+        )
+        category = self.label_category.clamp(min=0).cpu()
+        union = unit_area[:, :, category] + label_area - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1), 0.0)
+        iou[:, :, self.label_category.cpu() < 0] = 0
+        return iou
 
     def result(self) -> torch.Tensor:
         """``U×L`` IoU; 0 where the union is empty and for label 0."""
@@ -222,6 +330,13 @@ class IoUCounts:
         self.intersection += other.intersection.to(device)
         self.label_area += other.label_area.to(device)
         self.unit_area += other.unit_area.to(device)
+        if self.per_image:
+            if not other.per_image:
+                raise ValueError("cannot merge counts without per-image counts into ones with")
+            for key, parts in other._images.items():
+                if key == "inter_index":  # the other's images come after this one's
+                    parts = [p + torch.tensor([[self.count], [0]]) for p in parts]
+                self._images[key].extend(parts)
         self.count += other.count
 
     def to(self, device) -> IoUCounts:
@@ -232,7 +347,8 @@ class IoUCounts:
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only, so ``advinterp.io.save_tensors`` can write it."""
+        """Tensors only, so ``advinterp.io.save_tensors`` can write it (the totals: per-image
+        counts are not saved)."""
         return {
             "intersection": self.intersection,
             "label_area": self.label_area,

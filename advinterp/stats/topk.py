@@ -12,9 +12,9 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from advinterp.errors import UserError
+from advinterp.progress import progress as tqdm
 
 __all__ = ["TopK", "k_for_fraction", "top_responses"]
 

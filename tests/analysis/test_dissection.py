@@ -102,7 +102,8 @@ def test_adversarial_batches_carry_their_real_images_masks(small_run, probe_dir,
     )
     batches = _AdversarialProbe(tmp_path / "adv", probe, batch_size=2)
     images, masks = zip(*batches, strict=True)
-    assert [len(x) for x in images] == [2, 1, 2]  # batches within each shard of 3 and 2
+    # Full batches in position order, across the shards of 3 and 2 images.
+    assert [len(x) for x in images] == [2, 2, 1]
     assert len(batches) == 3  # the progress bar's total
     got = torch.cat([m["object"] for m in masks])
     expected = torch.stack([probe.masks(i)["object"] for i in order])

@@ -40,7 +40,7 @@ def test_pairs_follow_the_set(pairs):
     data = open_dataset("fashion-mnist", "test", limit=N_IMAGES)
     assert torch.equal(pairs.labels, data.labels)
     stats = pairs.attack_stats()
-    assert stats["method"] == "fgsm" and stats["n"] == N_IMAGES
+    assert stats["method"] == "opt" and stats["n"] == N_IMAGES
     assert stats["success_rate"] == pytest.approx(
         float((pairs.preds == pairs.targets).float().mean())
     )
@@ -49,7 +49,7 @@ def test_pairs_follow_the_set(pairs):
 
 def test_top8_are_the_highest_responses_by_brute_force(model, pairs, galleries):
     real = layer_responses(model, LAYER, _real_images(pairs))
-    adv = layer_responses(model, LAYER, pairs.images)
+    adv = layer_responses(model, LAYER, pairs.adversarial_images(torch.arange(len(pairs))))
     assert len(galleries.units) == 3
     for g in galleries.units:
         for rows, responses in ((g.real, real), (g.adversarial, adv)):
@@ -63,7 +63,8 @@ def test_top8_are_the_highest_responses_by_brute_force(model, pairs, galleries):
             torch.testing.assert_close(shown, column[positions], atol=1e-4, rtol=1e-5)
         assert g.real_images.shape == (8, 1, 28, 28) and g.adversarial_maps.shape == (8, 28, 28)
         torch.testing.assert_close(
-            g.adversarial_images, pairs.images[[r["position"] for r in g.adversarial]]
+            g.adversarial_images,
+            pairs.adversarial_images([r["position"] for r in g.adversarial]),
         )
 
 
@@ -82,7 +83,20 @@ def test_units_by_lc_and_boxes_by_wordnet_distance(model, pairs, galleries):
         for r in g.adversarial:
             assert r["pred"] == int(pairs.preds[r["position"]])
             assert r["distance"] == float(D[r["pred"], g.real_class])
-            assert r["boxed"] == (r["distance"] <= 2)
+            assert r["success"] == bool(pairs.preds[r["position"]] == pairs.targets[r["position"]])
+            # Boxed: the attack fooled the model, into a class near the real images' one.
+            assert r["boxed"] == (r["success"] and r["distance"] <= 2)
+
+
+def test_failed_attacks_are_never_boxed(model, pairs):
+    # The top adversarial images of a layer's units hold failed images the model still
+    # calls by their own class (distance 0 to the real images' class when it is theirs).
+    g = unit_galleries(model, pairs, LAYER, select="lc", count=8, saliency="activation")
+    rows = [r for u in g.units for r in u.adversarial]
+    failed_near = [r for r in rows if not r["success"] and r["distance"] <= 2]
+    assert failed_near, "the galleries must show failed images near the real class"
+    assert not any(r["boxed"] for r in failed_near)
+    assert all(r["boxed"] for r in rows if r["success"] and r["distance"] <= 2)
 
 
 def test_dominant_class_breaks_ties_by_rank():

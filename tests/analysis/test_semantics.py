@@ -45,7 +45,7 @@ def test_csv_equals_recomputation_from_unit_semantics(model, pairs, C, result, t
     ok_positions = success.nonzero()[:, 0]
     for layer in LAYERS:
         real = layer_responses(model, layer, real_x)
-        adv = layer_responses(model, layer, pairs.images)
+        adv = layer_responses(model, layer, pairs.adversarial_images(torch.arange(N_IMAGES)))
         every = unit_semantics(
             _top(real, k), pairs.labels, _top(adv, k), pairs.labels, pairs.targets, C
         )
@@ -103,9 +103,12 @@ def test_fig10_takes_several_models(result, tmp_path):
 
 
 def test_no_successful_image_leaves_cs_undefined(model, pairs, C):
+    import copy
     from dataclasses import replace
 
-    failed = replace(pairs, preds=pairs.labels.clone())  # every attack failed
+    adversarial = copy.copy(pairs.adversarial)
+    adversarial.preds = pairs.labels.clone()  # every attack failed
+    failed = replace(pairs, adversarial=adversarial)
     r = model_semantics(model, failed, C, layers=["conv1"], batch_size=100)
     assert r.counts["n_successful"] == 0
     assert all(math.isnan(v) for v in r.values("cs1_successful").tolist())

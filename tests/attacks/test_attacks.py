@@ -17,10 +17,12 @@ from advinterp.attacks import (
     FGSM,
     TorchattacksAdapter,
     attack_stats,
+    attack_succeeded,
     least_likely_targets,
     make_attack,
     random_targets,
 )
+from advinterp.attacks.fgsm import fgsm_step
 from advinterp.data.fashion import load_fashion_mnist
 from advinterp.errors import UserError
 from advinterp.models.wrapper import Classifier
@@ -106,7 +108,33 @@ def test_mifgsm_accumulates_l1_normalised_gradients(linear):
     torch.testing.assert_close(got, xa)
 
 
-def test_opt_is_adam_on_eq4_keeping_the_closest_success(linear):
+def test_opt_returns_the_final_adam_iterate_of_eq4_by_default(linear):
+    model, x, y = linear
+    lam, steps, lr = 2.0, 15, 5 / 255
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    target = least_likely_targets(x.flatten(1) @ w.T + b)
+    # Adam written out (Kingma & Ba, Alg. 1) on ∇ of ‖x* − x‖² + λ·CE(f(x*), y*), by hand.
+    xs, m, v = x.clone(), torch.zeros_like(x), torch.zeros_like(x)
+    for t in range(1, steps + 1):
+        g = 2 * (xs - x) + lam * ce_grad(model, xs, target)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+        xs = (xs - lr * m_hat / (v_hat.sqrt() + 1e-8)).clamp(0, 1)
+    got = make_attack("opt", model, lam=lam, steps=steps, lr=lr)(x, y)
+    torch.testing.assert_close(got, xs, atol=1e-6, rtol=0)
+    # Not the closest successful iterate: that one differs on this batch.
+    closest = make_attack("opt", model, lam=lam, steps=steps, lr=lr, keep="closest")(x, y)
+    assert not torch.allclose(closest, xs, atol=1e-4)
+
+
+def test_opt_keep_is_checked(linear):
+    model, _, _ = linear
+    with pytest.raises(UserError, match="final"):
+        make_attack("opt", model, keep="best")
+
+
+def test_opt_keep_closest_is_adam_on_eq4_keeping_the_closest_success(linear):
     model, x, y = linear
     lam, steps, lr = 2.0, 15, 5 / 255
     w, b = model[1].weight.detach(), model[1].bias.detach()
@@ -125,7 +153,7 @@ def test_opt_is_adam_on_eq4_keeping_the_closest_success(linear):
         with torch.no_grad():
             xs.clamp_(0, 1)
     expected = torch.where(best_d.isfinite().view(-1, 1, 1, 1), best, xs.detach())
-    got = make_attack("opt", model, lam=lam, steps=steps, lr=lr)(x, y)
+    got = make_attack("opt", model, lam=lam, steps=steps, lr=lr, keep="closest")(x, y)
     assert best_d.isfinite().any() and not best_d.isfinite().all()  # both branches exercised
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -153,6 +181,29 @@ def test_random_targets_uniform_over_other_classes():
 def test_least_likely_targets():
     logits = torch.tensor([[0.0, -3.0, 2.0], [5.0, 1.0, -1.0]])
     assert least_likely_targets(logits).tolist() == [1, 2]
+
+
+def test_attack_succeeded_per_image():
+    preds = torch.tensor([2, 2, 0, 1, 3])
+    labels = torch.tensor([2, 1, 0, 0, 3])
+    # Targeted where the target is ≥ 0 (reached or not), untargeted where it is −1.
+    targets = torch.tensor([2, 0, -1, -1, -1])
+    assert attack_succeeded(preds, labels, targets).tolist() == [True, False, False, True, False]
+    assert attack_succeeded(preds, labels).tolist() == [False, True, False, True, False]
+
+
+def test_fgsm_step_scalar_and_per_image_eps(linear):
+    _, x, _ = linear
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    before = x.clone()
+    got = fgsm_step(x, grad, EPS)
+    assert torch.equal(x, before)  # a new tensor
+    torch.testing.assert_close(got, (x + EPS * grad.sign()).clamp(0, 1))
+    eps = torch.linspace(1 / 255, 16 / 255, len(x))
+    per_image = fgsm_step(x, grad, eps)
+    for i in range(len(x)):
+        torch.testing.assert_close(per_image[i], fgsm_step(x[i], grad[i], float(eps[i])))
+    assert per_image.min() >= 0 and per_image.max() <= 1
 
 
 # -- a small CNN trained on Fashion-MNIST -----------------------------------------------

@@ -80,3 +80,14 @@ def test_shuffled_batches_cover_every_image_once():
 def test_unknown_dataset_is_a_clear_error():
     with pytest.raises(UserError, match="unknown dataset"):
         open_dataset("cifar")
+
+
+@pytest.mark.parametrize("limit", [-5, 0])
+def test_a_limit_below_one_is_an_error_not_a_slice(limit):
+    # A negative limit used as a slice would silently drop the last images.
+    with pytest.raises(UserError, match=f"limit must be at least 1, got {limit}"):
+        open_dataset("fashion-mnist", "test", limit=limit)
+    data = open_dataset("fashion-mnist", "test", limit=20)
+    with pytest.raises(UserError, match=f"limit must be at least 1, got {limit}"):
+        data.subset(limit)
+    assert len(data.subset(5)) == 5 and data.subset(None) is data

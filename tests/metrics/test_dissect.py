@@ -99,3 +99,22 @@ def test_several_layers_in_one_pass_match_one_at_a_time():
     alone = dissect(model, "2", probe, CATEGORIES, LABELS)
     torch.testing.assert_close(both["2"].iou, alone.iou)
     torch.testing.assert_close(both["2"].thresholds, alone.thresholds)
+
+
+def test_resampled_table1_counts_the_units_of_each_resample():
+    from advinterp.stats.bootstrap import resample_counts
+
+    probe = _probe()
+    result = dissect(
+        _copy_model(), "0", probe, CATEGORIES, LABELS, resolution=1 << 16, per_image=True
+    )
+    n = sum(len(x) for x, _ in probe)
+    weights = torch.cat([torch.ones(1, n, dtype=torch.float64), resample_counts(n, 50, seed=0)])
+    counts = result.interpretable_resampled(weights)
+    assert counts.shape == (51, 2)
+    # All images once: Table 1 itself (unit 0 is an object unit, 1 of 2 units).
+    assert counts[0].tolist() == [1, 0]
+    # Unit 0 copies the dot on every resample holding a dot image; unit 1 never scores.
+    assert (counts[1:, 0] == 1).all() and (counts[1:, 1] == 0).all()
+    with pytest.raises(UserError, match="per_image"):
+        dissect(_copy_model(), "0", probe, CATEGORIES, LABELS).interpretable_resampled(weights)

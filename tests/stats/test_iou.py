@@ -107,3 +107,29 @@ def test_bad_input():
         counts.add(torch.zeros(1, 3, 2, 2), torch.zeros(3), torch.zeros(1, 4, 4, dtype=torch.long))
     with pytest.raises(UserError, match="another layer"):
         counts.set_state_dict(IoUCounts(3, 4).state_dict())
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_resampled_iou_is_the_iou_of_the_drawn_images(monkeypatch, sparse):
+    import advinterp.stats.iou as iou_module
+    from advinterp.stats.bootstrap import resample_counts
+
+    # Count masks from their pixels' coordinates, or pixel by pixel: both paths.
+    monkeypatch.setattr(iou_module, "_SPARSE", 1.0 if sparse else 0.0)
+    maps, thresholds, labels = _case(seed=3, n=8)
+    counts = IoUCounts(3, 6, LABEL_CATEGORY, per_image=True)
+    counts.add(maps[:3], thresholds, {k: v[:3] for k, v in labels.items()})
+    rest = IoUCounts(3, 6, LABEL_CATEGORY, per_image=True)
+    rest.add(maps[3:], thresholds, {k: v[3:] for k, v in labels.items()})
+    counts.merge(rest)
+    weights = resample_counts(8, draws=4, seed=0)
+    resampled = counts.resampled(torch.cat([torch.ones(1, 8, dtype=torch.float64), weights]))
+    torch.testing.assert_close(resampled[0], counts.result())
+    for row, iou in zip(weights, resampled[1:], strict=True):
+        drawn = torch.repeat_interleave(torch.arange(8), row.long())
+        expected = _brute_force(maps[drawn], thresholds, {k: v[drawn] for k, v in labels.items()})
+        torch.testing.assert_close(iou, expected)
+    with pytest.raises(UserError, match="B×8"):
+        counts.resampled(torch.ones(2, 5))
+    with pytest.raises(UserError, match="per_image=True"):
+        IoUCounts(3, 6, LABEL_CATEGORY).resampled(weights)
