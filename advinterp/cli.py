@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings
@@ -858,13 +857,14 @@ def cmd_dissect(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    from advinterp.attacks.base import check_positive
     from advinterp.reproduce import ReproduceConfig, format_summary, reproduce
 
     archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     if not archs:
         raise UserError("--archs is empty: name at least one architecture, e.g. resnet")
-    if args.lam is not None and not (args.lam > 0 and math.isfinite(args.lam)):
-        raise UserError(f"--lam must be a positive number, got {args.lam:g}")
+    if args.lam is not None:
+        check_positive("--lam", args.lam)
     cfg = ReproduceConfig(
         archs=archs,
         quick=args.quick,

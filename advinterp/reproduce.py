@@ -780,6 +780,15 @@ def _claim(text, estimate, replicates, bound=0.0, above=True, unit="", detail=""
     }
 
 
+def _with_floor(text: str, main: dict, floor_part: dict | None, detail: str, floor) -> dict:
+    """A Table 1 claim: ``main`` alone, or with its part judged against the random floor."""
+    if floor_part is None:
+        return {**main, "claim": text, "detail": detail + "; resampled over probe images"}
+    return _all_parts(
+        text, [main, floor_part], detail + f", floor {floor:.1f}%; resampled over probe images"
+    )
+
+
 def _all_parts(text: str, parts: list[dict], detail: str = "") -> dict:
     """A claim made of parts: holds when every part holds, fails when one fails."""
     verdicts = [p["verdict"] for p in parts]
@@ -866,6 +875,7 @@ def findings(summary: dict, arch: str, evidence: Evidence) -> list[dict]:
     )
     text = f"{normal}: the share of interpretable units drops sharply on adversarial images"
     detail = f"{real:.1f}% of units on real probe images, {fooled:.1f}% on adversarial ones"
+    sharp = None
     if has_floor:
         out.append(
             _claim(
@@ -885,13 +895,7 @@ def findings(summary: dict, arch: str, evidence: Evidence) -> list[dict]:
             unit="points",
             detail=f"floor {floor:.1f}% ({floor_name})",
         )
-        out.append(
-            _all_parts(
-                text, [drops, sharp], detail + f", floor {floor:.1f}%; resampled over probe images"
-            )
-        )
-    else:
-        out.append({**drops, "claim": text, "detail": detail + "; resampled over probe images"})
+    out.append(_with_floor(text, drops, sharp, detail, floor))
     a_real, a_real_r = share(adv, "real")
     a_fooled, a_fooled_r = share(adv, "adversarial")
     keeps = a_fooled / a_real if a_real else float("nan")
@@ -907,6 +911,7 @@ def findings(summary: dict, arch: str, evidence: Evidence) -> list[dict]:
         f"{a_real:.1f}% real, {a_fooled:.1f}% adversarial: keeps {100 * keeps:.0f}%, "
         f"{normal} keeps {100 * normal_keeps:.0f}%"
     )
+    kept = None
     if has_floor:
         kept = _claim(
             "it keeps more than half of its share above the random-weights floor "
@@ -916,13 +921,7 @@ def findings(summary: dict, arch: str, evidence: Evidence) -> list[dict]:
             unit="points",
             detail=f"floor {floor:.1f}% ({floor_name})",
         )
-        out.append(
-            _all_parts(
-                text, [closer, kept], detail + f", floor {floor:.1f}%; resampled over probe images"
-            )
-        )
-    else:
-        out.append({**closer, "claim": text, "detail": detail + "; resampled over probe images"})
+    out.append(_with_floor(text, closer, kept, detail, floor))
     if at in t1:
         t_fooled, t_fooled_r = share(at, "adversarial")
         out.append(
