@@ -174,9 +174,10 @@ def discrepancy_maps(
             img, pos = chunk // len(masks), chunk % len(masks)
             m = masks[pos][:, None]  # B×1×H×W
             occluded = images[img] * (1 - m) + value * m
-            drops.view(-1)[chunk] = base[img] - unit_responses(
-                model, layer, occluded, units[img], reduce
-            )
+            # Under autocast the responses are bf16: the maps are summed in float32.
+            drops.view(-1)[chunk] = (
+                base[img] - unit_responses(model, layer, occluded, units[img], reduce)
+            ).to(drops.dtype)
     return torch.einsum("np,phw->nhw", drops, masks) / count
 
 
