@@ -14,8 +14,8 @@ demo: $(STAMP)
 	bash scripts/demo.sh $(RUN)
 
 test: $(STAMP)
-	.venv/bin/ruff check advinterp tests benches
-	.venv/bin/ruff format --check advinterp tests benches
+	.venv/bin/ruff check advinterp tests benches studies
+	.venv/bin/ruff format --check advinterp tests benches studies
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -24,12 +24,13 @@ bench: $(STAMP)
 	$(PY) -m benches.bench_dissect
 	$(PY) -m benches.bench_advtrain
 	$(PY) -m benches.bench_scaling
+	$(PY) -m benches.bench_scaling_semantics
 	$(PY) -m benches.bench_streaming
 	$(PY) -m benches.summary
 
 format: $(STAMP)
-	.venv/bin/ruff format advinterp tests benches
-	.venv/bin/ruff check --fix advinterp tests benches
+	.venv/bin/ruff format advinterp tests benches studies
+	.venv/bin/ruff check --fix advinterp tests benches studies
 
 clean:
 	rm -rf .venv runs .pytest_cache .ruff_cache

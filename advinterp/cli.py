@@ -79,6 +79,32 @@ def _data_args(p: argparse.ArgumentParser, split: str = "test") -> None:
     p.add_argument("--limit", type=_positive_int, help="use only the first N images")
 
 
+def _training_data_args(p: argparse.ArgumentParser, eval_limit: int | None) -> None:
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist (default) or imagefolder:PATH, a train split in ImageNet's layout "
+        "(PATH/<wnid>/<image>.JPEG), streamed from disk",
+    )
+    p.add_argument(
+        "--data-root",
+        help="folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument("--limit", type=_positive_int, help="train on the first N training images only")
+    p.add_argument(
+        "--eval-data",
+        help="held-out images for the per-epoch accuracy (default: fashion-mnist's test split; "
+        "none for an image folder unless given, e.g. imagefolder:/data/imagenet/val)",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=_positive_int,
+        default=eval_limit,
+        help="held-out images for the per-epoch accuracy"
+        + ("" if eval_limit is None else f" (default {eval_limit})"),
+    )
+
+
 def _positive_int(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -103,10 +129,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("train", help="standard training of a model (SGD, the paper's settings)")
-    p.add_argument("--arch", default="resnet", help="resnet (default), alexnet, vgg16, resnet18")
+    p.add_argument(
+        "--arch",
+        default="resnet",
+        help="on fashion-mnist: resnet (default), alexnet, vgg16, resnet18 (28×28 variants); "
+        "with --weights or on an image folder: an ImageNet model (resnet18, efficientnet_lite0, "
+        "any torchvision/timm name)",
+    )
+    p.add_argument(
+        "--weights",
+        help="weights of the ImageNet --arch to start from: a file (fine-tuning), 'imagenet' "
+        "(local cache, else downloaded) or 'random' (from scratch)",
+    )
     p.add_argument("--out", required=True, help="output folder (model.safetensors, model.json)")
     p.add_argument("--epochs", type=_positive_int, default=4)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=128,
+        help="global batch; under torchrun --nproc-per-node N, split over the N processes",
+    )
     p.add_argument(
         "--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule"
     )
@@ -114,13 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=5e-5)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument(
-        "--shift", type=int, default=1, help="random shifts of up to N pixels (augmentation)"
+        "--shift",
+        type=int,
+        default=1,
+        help="fashion-mnist: random shifts of up to N pixels (image folders get ImageNet's "
+        "RandomResizedCrop)",
     )
     p.add_argument("--no-flip", action="store_true", help="no random left-right flips")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist")
-    p.add_argument("--data-root")
-    p.add_argument("--limit", type=_positive_int, help="train on the first N training images only")
+    _training_data_args(p, eval_limit=None)
+    _device_args(p)
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run from its last epoch"
     )
@@ -130,7 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="adversarial fine-tuning with the feature-consistency loss (eq. 5–9); "
         "--beta 0 is plain adversarial training",
     )
-    p.add_argument("--init", required=True, help="normally trained checkpoint to start from")
+    p.add_argument(
+        "--init",
+        required=True,
+        help="model to start from: a normally trained checkpoint, or an ImageNet model name "
+        "with --weights (the paper fine-tunes a pretrained ImageNet model)",
+    )
+    p.add_argument("--weights", help="weights of an --init given by name: " + _weights_help())
     p.add_argument("--out", required=True, help="output folder (model.safetensors, model.json)")
     p.add_argument("--epochs", type=_positive_int, default=2)
     p.add_argument(
@@ -139,12 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=128,
         help="global batch; under torchrun --nproc-per-node N, split over the N processes",
     )
-    p.add_argument("--lr", type=float, default=0.01, help="peak one-cycle learning rate")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=0.003,
+        help="peak one-cycle learning rate (docs/advtrain-recipe.md)",
+    )
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-5)
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the clean loss (eq. 5)")
     p.add_argument(
         "--beta", type=float, default=1.0, help="weight of the consistency term; 0: plain AT"
+    )
+    p.add_argument(
+        "--consistency",
+        choices=("relative", "mean", "sum"),
+        default="relative",
+        help="the term's scale: ‖φ(x)−φ(x_adv)‖² relative to ‖φ(x)‖² (default; the same for "
+        "every architecture), per feature, or summed (the paper's eq. as written)",
     )
     p.add_argument("--eps-min", type=float, default=4.0, help="FGSM ε range, 0–255 units")
     p.add_argument("--eps-max", type=float, default=16.0)
@@ -152,26 +215,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--phi", default="penultimate", help="features to pair: penultimate, logits or a layer"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root")
-    p.add_argument("--limit", type=_positive_int, help="train on the first N training images only")
-    p.add_argument(
-        "--eval-limit",
-        type=_positive_int,
-        default=1000,
-        help="test images for per-epoch accuracy",
-    )
+    _training_data_args(p, eval_limit=1000)
+    _device_args(p)
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run from its last epoch"
     )
 
-    p = sub.add_parser("evaluate", help="Table 2: clean and FGSM top-1/top-5 accuracy")
+    p = sub.add_parser(
+        "evaluate",
+        help="Table 2: clean and FGSM top-1/top-5 accuracy",
+        description="Table 2: clean and FGSM top-1/top-5 accuracy. "
+        + _sharded_description(
+            "evaluate", "table2.partial (with --out)", "prints and writes table2.json"
+        ),
+    )
     _model_args(p)
     _data_args(p)
     p.add_argument(
         "--eps", type=float, nargs="+", default=[4.0], help="FGSM ε in 0–255 units (default 4)"
     )
     p.add_argument("--batch-size", type=_positive_int, default=250)
-    p.add_argument("--out", help="write table2.json into this folder")
+    _chunk_arg(p)
+    p.add_argument(
+        "--out",
+        help="write table2.json into this folder (and checkpoint the counts there while "
+        "running, so a killed run resumes)",
+    )
 
     p = sub.add_parser(
         "attack", help="build an adversarial set: fgsm, bim, pgd, mifgsm, opt (eq. 4)"
@@ -216,7 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         help="weights of a named model (only shapes are listed, so any name works without)",
     )
-    p.add_argument("--conv", action="store_true", help="only convolution layers")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--conv", action="store_true", help="only convolution layers")
+    which.add_argument(
+        "--units",
+        action="store_true",
+        help="only where units are read by default (after batch norm and ReLU; "
+        "relu#1 is a module's first call in a pass)",
+    )
     _analysis_parsers(sub)
 
     p = sub.add_parser(
@@ -264,6 +340,7 @@ def _new_model_folder(out: str, resume: bool) -> Path:
 
 
 def cmd_train(args) -> int:
+    from advinterp.distributed import is_main_process
     from advinterp.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -280,14 +357,30 @@ def cmd_train(args) -> int:
         data=args.data,
         data_root=args.data_root,
         limit=args.limit,
+        eval_limit=args.eval_limit,
+        weights=args.weights,
+        eval_data=args.eval_data,
     )
+    device, workers = _device(args)
     out = _new_model_folder(args.out, args.resume)
-    result = train(cfg, out, resume=args.resume)
+    result = train(cfg, out, resume=args.resume, device=device, workers=workers, amp=args.amp)
+    if not is_main_process():  # under torchrun, process 0 speaks for all
+        return 0
     print(
-        f"test top-1 {result['test_top1']:.2f}% after {cfg.epochs} epochs "
+        f"{_held_out(result['history'][-1])} after {cfg.epochs} epochs "
         f"({result['train_seconds']:.0f}s of training); model written to {out / 'model.safetensors'}"
     )
     return 0
+
+
+def _held_out(last: dict) -> str:
+    """The last epoch's accuracy, held-out when there were held-out images."""
+    if last["test_top1"] is None:
+        return f"train top-1 {last['train_top1']:.2f}% (no --eval-data)"
+    fgsm = last.get("test_fgsm4_top1")
+    return f"test top-1 {last['test_top1']:.2f}%" + (
+        "" if fgsm is None else f", FGSM ε=4 top-1 {fgsm:.2f}%"
+    )
 
 
 def cmd_advtrain(args) -> int:
@@ -303,22 +396,25 @@ def cmd_advtrain(args) -> int:
         weight_decay=args.weight_decay,
         alpha=args.alpha,
         beta=args.beta,
+        consistency=args.consistency,
         eps_min=args.eps_min / 255,
         eps_max=args.eps_max / 255,
         phi=args.phi,
         seed=args.seed,
+        data=args.data,
         data_root=args.data_root,
         limit=args.limit,
         eval_limit=args.eval_limit,
+        weights=args.weights,
+        eval_data=args.eval_data,
     )
+    device, workers = _device(args)
     out = _new_model_folder(args.out, args.resume)
-    result = advtrain(cfg, out, resume=args.resume)
+    result = advtrain(cfg, out, resume=args.resume, device=device, workers=workers, amp=args.amp)
     if not is_main_process():  # under torchrun, process 0 speaks for all
         return 0
-    last = result["history"][-1]
     print(
-        f"{result['name']}: test top-1 {last['test_top1']:.2f}%, FGSM ε=4 top-1 "
-        f"{last['test_fgsm4_top1']:.2f}% after {cfg.epochs} epochs; "
+        f"{result['name']}: {_held_out(result['history'][-1])} after {cfg.epochs} epochs; "
         f"model written to {out / 'model.safetensors'}"
     )
     return 0
@@ -340,7 +436,8 @@ def _check_eps(values: list[float]) -> None:
 
 def cmd_evaluate(args) -> int:
     from advinterp.device import autocast
-    from advinterp.io import write_json
+    from advinterp.distributed import joined
+    from advinterp.io import out_folder, write_json
     from advinterp.metrics.accuracy import format_table2, table2
     from advinterp.models import load_model
 
@@ -348,20 +445,32 @@ def cmd_evaluate(args) -> int:
     device, workers = _device(args)
     model = load_model(args.model, args.weights).to(device)
     data = _open_data(args, model)
-    with autocast(device, args.amp):
-        row = table2(
-            model,
-            data,
-            eps=[e / 255 for e in args.eps],
-            batch_size=args.batch_size,
-            progress=True,
-            workers=workers,
-        )
+    # Under torchrun each process evaluates its share of the batches (see table2).
+    with joined() as world:
+        out = Path(args.out) if args.out else None
+        if out is not None and world.is_main:
+            out_folder(out)
+        partial = out / "table2.partial" if out is not None else None
+        with autocast(device, args.amp):
+            row = table2(
+                model,
+                data,
+                eps=[e / 255 for e in args.eps],
+                batch_size=args.batch_size,
+                progress=True,
+                workers=workers,
+                world=world,
+                partial=partial,
+                chunk=args.chunk,
+            )
+        if not world.is_main:  # process 0 speaks for all
+            return 0
     name = getattr(model, "config", {}).get("name", args.model)
     print(format_table2({name: row}))
-    if args.out:
-        write_json(Path(args.out) / "table2.json", {name: row})
-        print(f"written to {Path(args.out) / 'table2.json'}")
+    if out is not None:
+        write_json(out / "table2.json", {name: row})
+        partial.unlink(missing_ok=True)
+        print(f"written to {out / 'table2.json'}")
     return 0
 
 
@@ -450,6 +559,19 @@ def cmd_layers(args) -> int:
     rows = layer_shapes(model)
     if args.conv:
         rows = [r for r in rows if r[1] == "Conv2d"]
+    if args.units:
+        import torch
+
+        from advinterp.record import Recorder, unit_layers
+
+        names = unit_layers(model)
+        with Recorder(model, names, reduce=None) as rec, torch.inference_mode():
+            rec(torch.zeros(1, model.in_chans, model.input_size, model.input_size))
+        kinds = {r[0]: r[1] for r in rows}
+        rows = [
+            (n, kinds.get(n.partition("#")[0], ""), tuple(rec.responses[n].shape[1:]))
+            for n in names
+        ]
     width = max(len(r[0]) for r in rows)
     for name, kind, shape in rows:
         print(f"{name:<{width}}  {kind:<20} {'×'.join(map(str, shape))}")
@@ -460,6 +582,13 @@ def _analysis_parsers(sub) -> None:
     p = sub.add_parser(
         "topk",
         help="unit galleries (Fig. 2): top-8 real vs adversarial images with salient regions",
+        description="Unit galleries (Fig. 2): top-8 real vs adversarial images with salient "
+        "regions. "
+        + _sharded_description(
+            "topk",
+            "topk.partial",
+            "writes the galleries; the saliency maps are split between the processes too",
+        ),
     )
     _model_args(p)
     p.add_argument(
@@ -494,10 +623,16 @@ def _analysis_parsers(sub) -> None:
         "images' class (default 2)",
     )
     _semantic_args(p)
+    _chunk_arg(p)
     p.add_argument("--out", required=True, help="output folder (unit_NNNN.png, gallery.json)")
 
     p = sub.add_parser(
-        "semantics", help="LC, CS1, CS2 per unit over all conv layers; Fig. 10 curves"
+        "semantics",
+        help="LC, CS1, CS2 per unit over all conv layers; Fig. 10 curves",
+        description="LC, CS1, CS2 per unit (eq. 11-13); Fig. 10 curves. "
+        + _sharded_description(
+            "semantics", "semantics.<i>.partial", "writes units.csv, fig10.png and the JSON"
+        ),
     )
     p.add_argument(
         "--model",
@@ -520,7 +655,12 @@ def _analysis_parsers(sub) -> None:
     )
     p.add_argument("--name", action="append", help="name of each model in the plot and tables")
     p.add_argument(
-        "--layers", nargs="+", default=["conv"], help='layer names, or "conv" (default: all)'
+        "--layers",
+        nargs="+",
+        default=["units"],
+        help='layer names (relu#1: a module\'s first call in a pass), "units" (default: every '
+        "unit where the network uses it, after batch norm and ReLU; `advinterp layers MODEL "
+        '--units` lists them) or "conv" (every conv layer\'s raw output)',
     )
     p.add_argument("--bins", type=_positive_int, default=10, help="LC bins of Fig. 10")
     p.add_argument(
@@ -529,6 +669,7 @@ def _analysis_parsers(sub) -> None:
     p.add_argument("--reduce", default="max", help="a unit's response: max (default) or mean")
     _semantic_args(p)
     _device_args(p)
+    _chunk_arg(p)
     p.add_argument("--out", required=True, help="output folder (units.csv, fig10.png, JSON)")
 
     p = sub.add_parser(
@@ -564,6 +705,15 @@ def _analysis_parsers(sub) -> None:
         type=float,
         help="one λ of eq. 4 for every model, 20 steps (default: per model, the first of 10, "
         "30, 100, 300 whose attack fools ≥ 95%% of the images, then 40 and 80 steps at 300)",
+    )
+    p.add_argument(
+        "--sigma", type=float, default=1.0, help="σ of eq. 10 for LC, CS1 and CS2 (default 1)"
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="then rerun the analysis, reusing the trained models, at λ = 1 and 10 (20 steps) "
+        "and σ = 0.5 and 2, and report each claim's verdict per setting (RUN/sweep.json)",
     )
     p.add_argument(
         "--data-root",
@@ -621,6 +771,29 @@ def _analysis_parsers(sub) -> None:
     )
 
 
+def _sharded_description(verb: str, partial: str, writes: str) -> str:
+    return (
+        f"On several processes: torchrun --nproc-per-node N -m advinterp {verb} ... (the same "
+        "arguments; gloo on CPUs, NCCL with one GPU per process): each process reads its "
+        f"share of the batches, the statistics are merged (the results equal one process's) "
+        f"and process 0 {writes}. While it runs, OUT/{partial} holds the statistics of the "
+        "finished chunks of images: the same command run again after a kill resumes from "
+        "there, on any number of processes."
+    )
+
+
+def _chunk_arg(p: argparse.ArgumentParser) -> None:
+    from advinterp.tally import CHUNK_IMAGES
+
+    p.add_argument(
+        "--chunk",
+        type=_positive_int,
+        default=CHUNK_IMAGES,
+        help=f"images between checkpoints of the statistics (default {CHUNK_IMAGES}); "
+        "at most this much work is lost when a run is killed",
+    )
+
+
 def _semantic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float, default=1.0, help="σ of eq. 10 (default 1)")
     p.add_argument(
@@ -652,6 +825,7 @@ def _class_wnids(args, model) -> list[str] | None:
 def cmd_topk(args) -> int:
     from advinterp.analysis import open_paired_sets, unit_galleries, write_galleries
     from advinterp.device import autocast
+    from advinterp.distributed import joined
     from advinterp.metrics.wordnet import class_distance_matrix
     from advinterp.models import load_model
 
@@ -666,7 +840,9 @@ def cmd_topk(args) -> int:
     options = {k: v for k, v in (("patch", args.patch), ("stride", args.stride)) if v}
     if options and args.saliency != "discrepancy":
         raise UserError("--patch and --stride apply to --saliency discrepancy only")
-    with autocast(device, args.amp):
+    out = Path(args.out)
+    # Under torchrun each process records its share of the batches (see unit_galleries).
+    with joined() as world, autocast(device, args.amp):
         galleries = unit_galleries(
             model,
             pairs,
@@ -682,12 +858,17 @@ def cmd_topk(args) -> int:
             box_distance=args.box_distance,
             batch_size=args.batch_size,
             progress=True,
+            world=world,
+            partial=out / "topk.partial",
+            chunk=args.chunk,
             **options,
         )
-    out = Path(args.out)
+    if not world.is_main:  # process 0 speaks for all
+        return 0
     data = write_galleries(
         galleries, out, extra={"model": args.model, "adversarial": str(args.adversarial)}
     )
+    (out / "topk.partial").unlink(missing_ok=True)
     for unit in data["units"]:
         lc = "" if unit["lc"] is None else f", LC {unit['lc']:.2f}"
         print(
@@ -722,6 +903,7 @@ def _model_names(specs: list[str], models: list, names: list[str] | None) -> lis
 def cmd_semantics(args) -> int:
     from advinterp.analysis import model_semantics, open_paired_sets, write_semantics
     from advinterp.device import autocast
+    from advinterp.distributed import joined
     from advinterp.metrics.wordnet import similarity_matrix
     from advinterp.models import load_model
 
@@ -746,46 +928,65 @@ def cmd_semantics(args) -> int:
     device, workers = _device(args)
     models = [load_model(spec, w).to(device) for spec, w in zip(args.model, weights, strict=True)]
     names = _model_names(args.model, models, args.name)
-    layers = "conv" if args.layers == ["conv"] else args.layers
-    results, extra = [], {}
-    for spec, adv, name, model in zip(args.model, args.adversarial, names, models, strict=True):
-        wnids = _class_wnids(args, model)
-        if not wnids:
-            raise UserError(
-                f"model {spec} has no WordNet synsets for its classes: pass --synsets FILE"
-            )
-        pairs = open_paired_sets(model, adv, args.data, args.split, args.data_root, workers=workers)
-        with autocast(device, args.amp):
-            result = model_semantics(
-                model,
-                pairs,
-                similarity_matrix(wnids, args.sigma),
-                layers=layers,
-                fraction=args.fraction,
-                reduce=args.reduce,
-                batch_size=args.batch_size,
-                name=name,
-                progress=True,
-            )
-        results.append(result)
-        extra[name] = {"model": spec, "adversarial": str(adv)}
-        summary = result.summary(args.bins)
-        m, s = summary["mean"], result.attack
-
-        def fmt(v):
-            return "n/a" if v is None else f"{v:.3f}"
-
-        l2 = "" if s["mean_l2"] is None else f", mean L2 {s['mean_l2']:.2f}"
-        print(
-            f"{name}: {summary['units']} units in {len(summary['layers'])} layers; mean LC "
-            f"{fmt(m['lc'])}, CS1 {fmt(m['cs1'])}, CS2 {fmt(m['cs2'])} (successful only: "
-            f"CS1 {fmt(m['cs1_successful'])}, CS2 {fmt(m['cs2_successful'])}); "
-            f"{s['method']}: success {100 * s['success_rate']:.1f}%{l2}"
-        )
+    layers = args.layers[0] if args.layers in (["units"], ["conv"]) else args.layers
     out = Path(args.out)
+    partials = [out / f"semantics.{i}.partial" for i in range(len(models))]
+    results, extra = [], {}
+    # Under torchrun each process records its share of the batches (see model_semantics).
+    with joined() as world:
+        for spec, adv, name, model, partial in zip(
+            args.model, args.adversarial, names, models, partials, strict=True
+        ):
+            wnids = _class_wnids(args, model)
+            if not wnids:
+                raise UserError(
+                    f"model {spec} has no WordNet synsets for its classes: pass --synsets FILE"
+                )
+            pairs = open_paired_sets(
+                model, adv, args.data, args.split, args.data_root, workers=workers
+            )
+            with autocast(device, args.amp):
+                result = model_semantics(
+                    model,
+                    pairs,
+                    similarity_matrix(wnids, args.sigma),
+                    layers=layers,
+                    fraction=args.fraction,
+                    reduce=args.reduce,
+                    batch_size=args.batch_size,
+                    name=name,
+                    progress=True,
+                    world=world,
+                    partial=partial,
+                    chunk=args.chunk,
+                )
+            results.append(result)
+            extra[name] = {"model": spec, "adversarial": str(adv)}
+            if world.is_main:  # process 0 speaks for all
+                _print_semantics(result, args.bins)
+    if not world.is_main:
+        return 0
     write_semantics(results, out, bins=args.bins, extra=extra, settings={"sigma": args.sigma})
+    for partial in partials:
+        partial.unlink(missing_ok=True)
     print(f"written to {out / 'units.csv'}, {out / 'fig10.png'} and {out / 'semantics.json'}")
     return 0
+
+
+def _print_semantics(result, bins: int) -> None:
+    summary = result.summary(bins)
+    m, s = summary["mean"], result.attack
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    l2 = "" if s["mean_l2"] is None else f", mean L2 {s['mean_l2']:.2f}"
+    print(
+        f"{result.name}: {summary['units']} units in {len(summary['layers'])} layers; mean LC "
+        f"{fmt(m['lc'])}, CS1 {fmt(m['cs1'])}, CS2 {fmt(m['cs2'])} (successful only: "
+        f"CS1 {fmt(m['cs1_successful'])}, CS2 {fmt(m['cs2_successful'])}); "
+        f"{s['method']}: success {100 * s['success_rate']:.1f}%{l2}"
+    )
 
 
 def cmd_dissect(args) -> int:
@@ -858,7 +1059,13 @@ def cmd_dissect(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from advinterp.attacks.base import check_positive
-    from advinterp.reproduce import ReproduceConfig, format_summary, reproduce
+    from advinterp.reproduce import (
+        ReproduceConfig,
+        format_summary,
+        format_sweep,
+        reproduce,
+        sweep,
+    )
 
     archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     if not archs:
@@ -871,10 +1078,12 @@ def cmd_reproduce(args) -> int:
         seed=args.seed,
         keep=args.keep,
         lam=args.lam,
+        sigma=check_positive("--sigma", args.sigma),
         data_root=args.data_root,
     )
     try:
         summary = reproduce(cfg, args.out)
+        table = sweep(cfg, args.out) if args.sweep else None
     except KeyboardInterrupt:
         print(
             "advinterp: interrupted; finished stages are kept: run the same command again "
@@ -884,6 +1093,9 @@ def cmd_reproduce(args) -> int:
         return 130
     print()
     print(format_summary(summary))
+    if table is not None:
+        print()
+        print(format_sweep(table))
     out = Path(args.out)
     print(
         f"\ndone in {summary['total_seconds']:.0f}s of stage time; summary in "

@@ -1,10 +1,16 @@
-"""Training in processes started by ``torchrun``: ranks, rows of a batch, global batch norm.
+"""Processes started by ``torchrun``: ranks, rows of a batch, objects between them, global batch norm.
 
-``torchrun --nproc-per-node N -m advinterp advtrain …`` starts N copies of the
+``torchrun --nproc-per-node N -m advinterp VERB …`` starts N copies of the
 command and tells each its place through ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`joined` reads them and joins the
 group: gloo on CPUs, NCCL with one GPU per process (``cuda:LOCAL_RANK``) when
 CUDA is available. Without those variables the run is one process, as always.
+The verbs that take torchrun: ``advtrain`` (below), ``attack`` (each process
+attacks its share of the chunks), and the analysis passes ``evaluate``, ``topk``
+and ``semantics`` (each process reads its share of the batches and the
+statistics are merged: :mod:`advinterp.tally`); process 0 writes and prints.
+:meth:`World.all_gather` and :meth:`World.broadcast` move small picklable
+objects (statistics' state dicts) between the processes.
 
 The data-parallel contract that makes N processes train like one:
 
@@ -39,6 +45,7 @@ __all__ = [
     "Shard",
     "joined",
     "launched",
+    "current_world",
     "is_main_process",
     "GlobalBatchNorm",
     "global_batch_norm",
@@ -104,6 +111,24 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_gather(self, obj: object) -> list:
+        """``obj`` of every process, in rank order, on every process. ``obj`` is pickled:
+        keep it small, its tensors on the CPU (a GPU tensor would land on the sender's GPU)."""
+        if self.size == 1:
+            return [obj]
+        gathered: list = [None] * self.size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def broadcast(self, obj: object) -> object:
+        """Process 0's ``obj`` on every process (the others' are ignored); pickled, as
+        :meth:`all_gather`."""
+        if self.size == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(device_ids=[self.local_rank] if self.device.type == "cuda" else None)
@@ -160,6 +185,23 @@ def joined() -> Iterator[World]:
         yield _world()
     finally:
         dist.destroy_process_group()
+
+
+def current_world() -> World:
+    """The :class:`World` of the process group already joined (:func:`joined`, or the
+    caller's ``init_process_group``), else one process. Creates no group (no batch-norm
+    group either), so any process may call it on its own."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return World(
+        rank=dist.get_rank(),
+        size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=torch.device("cuda", local_rank)
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu"),
+    )
 
 
 def _world() -> World:

@@ -4,8 +4,9 @@ Stages, each cached in RUN and skipped when its inputs (settings and the
 checkpoints it reads) are unchanged:
 
 1. ``train``: the normal model ``<arch>`` (``RUN/<arch>/``);
-2. ``advtrain``: ``<arch>-Adv`` (consistency loss, β = 1) and ``<arch>-AT``
-   (β = 0), fine-tuned from it;
+2. ``advtrain``: ``<arch>-Adv`` (consistency loss, β = 1, relative to the features'
+   norms, lr 0.003: ``docs/advtrain-recipe.md``) and ``<arch>-AT`` (β = 0), fine-tuned
+   from it;
 3. ``table2``: clean and FGSM top-1/top-5 at ε = 4, 8, 16 (``RUN/table2.json``);
 4. ``robustness`` and ``autoattack``: per test image, top-1 right or not, clean and
    under FGSM (every image of Table 2), PGD-20 and AutoAttack (the first ones) at
@@ -14,15 +15,18 @@ checkpoints it reads) are unchanged:
    attack fools ≥ 95% of the first test images (``RUN/adv/<model>-strength.json``);
 6. ``attack``: per model, the paper's ``opt`` set on test images at that strength
    (``RUN/adv/``);
-7. ``semantics``: LC, CS1, CS2 of every conv unit, Fig. 10 with all models
-   (``RUN/semantics/``);
-8. ``galleries``: Fig. 2-style galleries of one layer per model (``RUN/galleries/``);
-9. ``dissect``: Table 1, real vs adversarial probe images, and Table 1 on resamples
-   of the probe images (``RUN/dissect/<model>/``); the untrained ``<arch>-random``
-   on real images, Table 1's floor;
-10. ``summary.json`` (``table1``, ``table2``, ``fig10``, ``attacks``, the paper's
-    numbers, and per claim its estimate, 95% bootstrap interval and verdict: see
-    :func:`findings`) and the HTML report (``RUN/report/``).
+7. ``semantics``: one pass over each model's image pairs gives LC, CS1, CS2 of every
+   unit (read after batch norm and ReLU), Fig. 10 with all models (``RUN/semantics/``),
+   and Fig. 2-style galleries of the model's last units (``RUN/galleries/``);
+8. ``dissect``: Table 1, real vs adversarial probe images, every unit, and Table 1 on
+   resamples of the probe images (``RUN/dissect/<model>/``); the untrained
+   ``<arch>-random`` on real images, Table 1's floor;
+9. ``summary.json`` (``table1``, ``table2``, ``fig10``, ``attacks``, the paper's
+   numbers, and per claim its estimate, 95% bootstrap interval and verdict: see
+   :func:`findings`) and the HTML report (``RUN/report/``).
+
+``--sweep`` (:func:`sweep`) then reruns stages 5–8 on the same models at other
+attack strengths and σ, and reports each claim's verdict per setting.
 
 A killed run started again with the same command resumes: finished stages are
 skipped, training and attacks continue from their last checkpoint or shard.
@@ -39,7 +43,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -90,7 +94,8 @@ class ReproduceConfig:
     pgd_images: int | None = None
     autoattack_images: int | None = None
     eps: Sequence[float] = (4, 8, 16)
-    dissect_layers: Sequence[str] = ("layer1", "layer2", "layer3")
+    # Every unit where the network uses it (after BN and ReLU): 240 units of ``resnet``.
+    dissect_layers: Sequence[str] = ("units",)
     gallery_units: int = 8
     saliency: str = "discrepancy"
     # The opt attack's iterate: "final" (eq. 4 as written) or "closest" successful one.
@@ -104,6 +109,8 @@ class ReproduceConfig:
     steps_grid: Sequence[int] = (40, 80)
     success_target: float = 0.95
     lam_images: int | None = None
+    # σ of eq. 10 (the class similarity from WordNet distance) for LC, CS1 and CS2.
+    sigma: float = 1.0
     data_root: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -177,9 +184,8 @@ def stage_costs(cfg: ReproduceConfig) -> dict[str, float]:
         costs[f"strength {name}"] = 17.5 * cfg.lam_images * (1 if cfg.lam else 4)
     for name in names:
         costs[f"attack {name}"] = 17.5 * cfg.attack_images * 2  # 20 to 80 steps
-    costs["semantics"] = len(names) * 2 * cfg.attack_images * 0.4
-    for name in names:
-        costs[f"galleries {name}"] = 20000.0  # the occlusion maps of 8 units
+    # The pairs' forward passes, and the occlusion maps of each model's 8 gallery units.
+    costs["semantics"] = len(names) * (2 * cfg.attack_images * 0.4 + 20000.0)
     for name in names:
         costs[f"dissect {name}"] = 30 * cfg.probe_images  # the attack, two passes, PNGs
     for arch in cfg.archs:
@@ -237,11 +243,10 @@ class _Stages:
 
 
 def _gallery_layer(model) -> str:
-    """The last conv layer on the main path (not a shortcut projection)."""
-    from advinterp.models import conv_layers
+    """The last units, where the network uses them (for a ResNet, its last block's output)."""
+    from advinterp.record import unit_layers
 
-    convs = [n for n in conv_layers(model) if "downsample" not in n and "shortcut" not in n]
-    return convs[-1]
+    return unit_layers(model)[-1]
 
 
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> dict:
@@ -289,6 +294,29 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
         lambda: _autoattack(run, names, cfg),
     )
 
+    _analysis(stages, run, names, cfg, fingerprints, data, progress)
+    for arch in cfg.archs:
+        floor = random_name(arch)
+        key = {"arch": arch, "n": cfg.probe_images, "layers": cfg.dissect_layers, **data}
+        stages(
+            f"dissect {floor}",
+            key,
+            [run / "dissect" / floor / "table1.json", run / "dissect" / floor / "bootstrap.json"],
+            lambda a=arch: _dissect_random(run, a, cfg, progress),
+        )
+    summary = _summary(run, names, cfg, stages.timings)
+    write_json(run / "summary.json", summary)
+    from advinterp.report import write_report
+
+    write_report(run)
+    return summary
+
+
+def _analysis(
+    stages, run: Path, names, cfg, fingerprints, data, progress: bool, galleries: bool = True
+) -> None:
+    """The stages that analyse the trained models at one attack strength and σ: the
+    strength search, the opt attacks, semantics (Fig. 10), galleries and dissection."""
     for name in names:
         key = {"model": fingerprints[name], "n": cfg.lam_images, "keep": cfg.keep, **data}
         key |= {"lam": cfg.lam, "grid": cfg.lam_grid, "steps": cfg.steps_grid}
@@ -307,20 +335,21 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
         stages(f"attack {name}", key, [adv / "attack.json"], lambda n=name: _attack(run, n, cfg))
 
     sem_key = {"models": fingerprints, "n": cfg.attack_images, "attack": attacks, **data}
-    stages(
-        "semantics",
-        sem_key,
-        [run / "semantics" / "semantics.json"],
-        lambda: _semantics(run, names, cfg, progress),
-    )
-    for name in names:
-        key = {"model": fingerprints[name], "n": cfg.attack_images, "units": cfg.gallery_units}
-        key |= {"saliency": cfg.saliency, "attack": attacks[name], **data}
+    sem_key["sigma"] = cfg.sigma
+    if galleries:  # one pass over the image pairs feeds both
+        sem_key["galleries"] = {"units": cfg.gallery_units, "saliency": cfg.saliency}
         stages(
-            f"galleries {name}",
-            key,
-            [run / "galleries" / name],
-            lambda n=name: _galleries(run, n, cfg, progress),
+            "semantics",
+            sem_key,
+            [run / "semantics" / "semantics.json", *(run / "galleries" / n for n in names)],
+            lambda: _semantics_and_galleries(run, names, cfg, progress),
+        )
+    else:
+        stages(
+            "semantics",
+            sem_key,
+            [run / "semantics" / "semantics.json"],
+            lambda: _semantics(run, names, cfg, progress),
         )
     for name in names:
         key = {"model": fingerprints[name], "n": cfg.probe_images, "layers": cfg.dissect_layers}
@@ -331,21 +360,161 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
             [run / "dissect" / name / "table1.json", run / "dissect" / name / "bootstrap.json"],
             lambda n=name: _dissect(run, n, cfg, progress),
         )
-    for arch in cfg.archs:
-        floor = random_name(arch)
-        key = {"arch": arch, "n": cfg.probe_images, "layers": cfg.dissect_layers, **data}
-        stages(
-            f"dissect {floor}",
-            key,
-            [run / "dissect" / floor / "table1.json", run / "dissect" / floor / "bootstrap.json"],
-            lambda a=arch: _dissect_random(run, a, cfg, progress),
-        )
-    summary = _summary(run, names, cfg, stages.timings)
-    write_json(run / "summary.json", summary)
+
+
+#: The settings ``reproduce --sweep`` reruns the analysis at, one factor at a time around
+#: the default run: the paper's λ range at its 20 Adam steps (λ fixed for every model, so
+#: the models are attacked alike rather than to the same success rate), and σ of eq. 10.
+SWEEP: tuple[dict, ...] = ({"lam": 1.0}, {"lam": 10.0}, {"sigma": 0.5}, {"sigma": 2.0})
+
+
+def setting_name(setting: dict) -> str:
+    """``{"lam": 10.0}`` → ``"λ=10, 20 steps"``; ``{}`` → the default run's."""
+    if not setting:
+        return "default (λ searched to ≥ 95% success, σ = 1)"
+    parts = []
+    if "lam" in setting:
+        parts.append(f"λ={setting['lam']:g}, 20 steps")
+    if "sigma" in setting:
+        parts.append(f"σ={setting['sigma']:g}")
+    return ", ".join(parts)
+
+
+def _setting_folder(setting: dict) -> str:
+    return "-".join(f"{k}{v:g}" for k, v in sorted(setting.items()))
+
+
+def sweep(
+    cfg: ReproduceConfig,
+    out: str | Path,
+    settings: Sequence[dict] = SWEEP,
+    progress: bool = True,
+) -> dict:
+    """The sensitivity of every verdict: the default run (:func:`reproduce`, its stages
+    reused when done), then its analysis again, reusing the trained models and Table 2,
+    at each setting: ``{"lam": λ}`` attacks every model with λ at 20 steps (strength
+    search off), re-running the attacks, semantics and dissection; ``{"sigma": σ}`` only
+    recomputes the semantics, on the default run's adversarial images. Each setting's run
+    is ``RUN/sweep/<setting>/`` (its own stages, resumable; the models are links to the
+    default run's). Writes ``RUN/sweep.json``: per claim, per setting, the verdict with its
+    estimate and interval (:func:`sweep_table`); returns it."""
+    from advinterp.io import write_json
+
+    cfg = cfg.resolved()
+    run = Path(out)
+    summaries = {setting_name({}): reproduce(cfg, run, progress=progress)}
+    names = summaries[setting_name({})]["models"]
+    fingerprints = {n: _fingerprint(run / n / "model.safetensors") for n in names}
+    data = {"data_root": cfg.data_root, "seed": cfg.seed}
+    for setting in settings:
+        unknown = set(setting) - {"lam", "sigma"}
+        if unknown or not setting:
+            raise UserError(f"a sweep setting varies lam or sigma, got {setting}")
+        sub = run / "sweep" / _setting_folder(setting)
+        for path in (sub / "dissect", sub / "robustness"):
+            path.mkdir(parents=True, exist_ok=True)
+        links = {n: Path("..", "..", n) for n in names}  # the trained models
+        links |= {
+            f"dissect/{random_name(a)}": Path("..", "..", "..", "dissect", random_name(a))
+            for a in cfg.archs
+        }
+        if "lam" not in setting:  # the default run's attacks and dissections, read only
+            links["adv"] = Path("..", "..", "adv")
+            links |= {f"dissect/{n}": Path("..", "..", "..", "dissect", n) for n in names}
+        for rel, target in links.items():
+            if not (sub / rel).is_symlink():
+                (sub / rel).symlink_to(target, target_is_directory=True)
+        for rel in (
+            "table2.json",
+            "robustness/correct.safetensors",
+            "robustness/pgd.safetensors",
+            "robustness/autoattack.json",
+            "robustness/autoattack.safetensors",
+        ):
+            if (run / rel).is_file():
+                shutil.copyfile(run / rel, sub / rel)
+        scfg = replace(cfg, lam=setting.get("lam", cfg.lam), sigma=setting.get("sigma", cfg.sigma))
+        print(f"reproduce --sweep: {setting_name(setting)} in {sub}", flush=True)
+        if "lam" in setting:
+            costs = {
+                k: v
+                for k, v in stage_costs(scfg).items()
+                if k.split(" ")[0] in ("strength", "attack", "semantics", "dissect")
+                and not k.endswith("-random")
+            }
+            stages = _Stages(sub, costs)
+            _analysis(stages, sub, names, scfg, fingerprints, data, progress, galleries=False)
+        else:
+            stages = _Stages(sub, {"semantics": stage_costs(scfg)["semantics"]})
+            attacks = {n: _attack_options(sub, n, scfg) for n in names}
+            key = {"models": fingerprints, "n": scfg.attack_images, "attack": attacks, **data}
+            key["sigma"] = scfg.sigma
+            stages(
+                "semantics",
+                key,
+                [sub / "semantics" / "semantics.json"],
+                lambda c=scfg, d=sub: _semantics(d, names, c, progress),
+            )
+        summary = _summary(sub, names, scfg, stages.timings)
+        write_json(sub / "summary.json", summary)
+        summaries[setting_name(setting)] = summary
+    table = sweep_table(summaries)
+    write_json(run / "sweep.json", table)
     from advinterp.report import write_report
 
     write_report(run)
-    return summary
+    return table
+
+
+def sweep_table(summaries: dict[str, dict]) -> dict:
+    """Setting → summary (with ``findings``) into the sweep's table: for each claim (in
+    the order of the first summary), per setting its verdict, estimate, interval and
+    unit, and how many settings each verdict got; with each setting's attack (λ, steps,
+    success rate per model). A claim whose verdict changes between settings is
+    ``"robust": False``."""
+    claims: dict[str, dict] = {}
+    for setting, summary in summaries.items():
+        for f in summary["findings"]:
+            row = claims.setdefault(f["claim"], {"claim": f["claim"], "settings": {}})
+            row["settings"][setting] = {
+                k: f.get(k) for k in ("verdict", "estimate", "interval", "unit", "bound", "above")
+            }
+    for row in claims.values():
+        verdicts = [v["verdict"] for v in row["settings"].values()]
+        row["verdicts"] = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
+        row["robust"] = len(row["verdicts"]) == 1 and len(verdicts) == len(summaries)
+    attacks = {
+        setting: {
+            name: {k: a.get(k) for k in ("lam", "steps", "success_rate", "probe_success_rate")}
+            for name, a in summary.get("attacks", {}).items()
+        }
+        for setting, summary in summaries.items()
+    }
+    sigma = {s: summary.get("settings", {}).get("sigma", 1.0) for s, summary in summaries.items()}
+    return {
+        "settings": list(summaries),
+        "attacks": attacks,
+        "sigma": sigma,
+        "claims": list(claims.values()),
+    }
+
+
+def format_sweep(table: dict) -> str:
+    """The sweep's table as printed: one block per claim, one line per setting."""
+    lines = ["Sensitivity (reproduce --sweep): each claim's verdict per setting"]
+    for setting in table["settings"]:
+        rates = ", ".join(
+            f"{n} {100 * a['success_rate']:.0f}%"
+            for n, a in table["attacks"].get(setting, {}).items()
+            if a.get("success_rate") is not None
+        )
+        lines.append(f"  [{setting}] opt success: {rates}")
+    for row in table["claims"]:
+        flag = "same verdict at every setting" if row["robust"] else "verdict depends on setting"
+        lines.append(f"- {row['claim']} ({flag})")
+        for setting, v in row["settings"].items():
+            lines.append(f"    {setting}: {v['verdict']} — {format_estimate(v)}")
+    return "\n".join(lines)
 
 
 def _train_stage(stages, run, arch, cfg, data) -> None:
@@ -616,34 +785,46 @@ def _semantics(run: Path, names, cfg, progress: bool) -> None:
         result = model_semantics(
             model,
             _pairs(run, name, model, cfg),
-            similarity_matrix(model.wnids, 1.0),
+            similarity_matrix(model.wnids, cfg.sigma),
             name=name,
             progress=progress,
         )
         results.append(result)
         extra[name] = {"model": str(run / name / "model.safetensors")}
-    write_semantics(results, run / "semantics", extra=extra, settings={"sigma": 1.0})
+    write_semantics(results, run / "semantics", extra=extra, settings={"sigma": cfg.sigma})
 
 
-def _galleries(run: Path, name: str, cfg, progress: bool) -> None:
-    from advinterp.analysis import unit_galleries, write_galleries
-    from advinterp.metrics.wordnet import class_distance_matrix
+def _semantics_and_galleries(run: Path, names, cfg, progress: bool) -> None:
+    """Semantics (LC, CS1, CS2, Fig. 10) of every model and each model's galleries (Fig. 2)
+    from one pass over its image pairs; a killed pass resumes from its last chunk."""
+    from advinterp.analysis import semantics_and_galleries, write_galleries, write_semantics
+    from advinterp.metrics.wordnet import class_distance_matrix, similarity_matrix
 
-    model = _load(run, name)
-    layer = _gallery_layer(model)
-    galleries = unit_galleries(
-        model,
-        _pairs(run, name, model, cfg),
-        layer,
-        count=cfg.gallery_units,
-        saliency=cfg.saliency,
-        distances=class_distance_matrix(model.wnids),
-        progress=progress,
-    )
-    folder = run / "galleries" / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    write_galleries(galleries, folder / layer, extra={"model": name})
+    results, extra = [], {}
+    for name in names:
+        model = _load(run, name)
+        sem, gal = semantics_and_galleries(
+            model,
+            _pairs(run, name, model, cfg),
+            similarity_matrix(model.wnids, cfg.sigma),
+            _gallery_layer(model),
+            name=name,
+            count=cfg.gallery_units,
+            saliency=cfg.saliency,
+            distances=class_distance_matrix(model.wnids),
+            sigma=cfg.sigma,
+            partial=run / "semantics" / f"{name}.partial",
+            progress=progress,
+        )
+        folder = run / "galleries" / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        write_galleries(gal, folder / gal.layer, extra={"model": name})
+        results.append(sem)
+        extra[name] = {"model": str(run / name / "model.safetensors")}
+    write_semantics(results, run / "semantics", extra=extra, settings={"sigma": cfg.sigma})
+    for name in names:
+        (run / "semantics" / f"{name}.partial").unlink(missing_ok=True)
 
 
 def _dissect(run: Path, name: str, cfg, progress: bool) -> None:

@@ -30,6 +30,7 @@ BENCHES = {
     "dissect": "python -m benches.bench_dissect",
     "advtrain": "python -m benches.bench_advtrain",
     "scaling_ranks": "python -m benches.bench_scaling",
+    "scaling_semantics": "python -m benches.bench_scaling_semantics",
     "streaming": "python -m benches.bench_streaming",
 }
 
@@ -222,6 +223,25 @@ def ranks_rows(r: dict) -> list[Row]:
     return rows
 
 
+def semantics_ranks_rows(r: dict) -> list[Row]:
+    one, two = r["points"]
+    return [
+        ratio_row(
+            "scaling_semantics",
+            f"semantics pass, 2 processes ÷ 1 ({two['ips']:.0f} ÷ {one['ips']:.0f} img/s, "
+            f"{r['cpu_count']} cores)",
+            r["ratio"],
+            r["goal"],
+            "≥",
+        ),
+        info_row(
+            "scaling_semantics",
+            "per-unit tables bit-identical across process counts",
+            str(r["identical"]).lower(),
+        ),
+    ]
+
+
 def streaming_rows(r: dict) -> list[Row]:
     small, large = (str(n) for n in r["settings"]["images"])
     return [
@@ -243,6 +263,7 @@ ROWS: dict[str, Callable[[dict], list[Row]]] = {
     "dissect": dissect_rows,
     "advtrain": advtrain_rows,
     "scaling_ranks": ranks_rows,
+    "scaling_semantics": semantics_ranks_rows,
     "streaming": streaming_rows,
 }
 

@@ -50,12 +50,47 @@ def test_consistency_loss_by_hand():
     torch.testing.assert_close(fa, (x_adv.flatten(1) @ w1.T + b1).relu())
     dist = sum(((fc[i] - fa[i]) ** 2).sum() for i in range(5)) / 5
     want = 0.3 * _ce(lc, y) + 0.7 * _ce(la, y) + 2.0 * dist
-    torch.testing.assert_close(consistency_loss(lc, la, fc, fa, y, 0.3, 2.0), want)
+    torch.testing.assert_close(consistency_loss(lc, la, fc, fa, y, 0.3, 2.0, "sum"), want)
+    # Per feature: the same distance over φ's width (3 features).
+    want_mean = 0.3 * _ce(lc, y) + 0.7 * _ce(la, y) + 2.0 * dist / fc.shape[1]
+    torch.testing.assert_close(consistency_loss(lc, la, fc, fa, y, 0.3, 2.0, "mean"), want_mean)
+    # Relative (default): each image's distance over its two feature vectors' squared norms
+    # (an image whose two vectors are zero adds 0).
+    rel = 0
+    for i in range(5):
+        norms = (fc[i] ** 2).sum() + (fa[i] ** 2).sum()
+        rel = rel + (((fc[i] - fa[i]) ** 2).sum() / norms if norms > 0 else 0)
+    rel = rel / 5
+    want_rel = 0.3 * _ce(lc, y) + 0.7 * _ce(la, y) + 2.0 * rel
+    torch.testing.assert_close(consistency_loss(lc, la, fc, fa, y, 0.3, 2.0), want_rel)
     # β = 0: the consistency term vanishes, leaving the adversarial-training loss.
     at = 0.3 * _ce(lc, y) + 0.7 * _ce(la, y)
     torch.testing.assert_close(consistency_loss(lc, la, fc, fa, y, 0.3, 0.0), at)
     torch.testing.assert_close(consistency_loss(lc, la, None, None, y, 0.3, 0.0), at)
     tap.close()
+
+
+def test_relative_consistency_ignores_feature_scale_and_holds_the_norm_constant():
+    y = torch.tensor([0, 1, 2])
+    logits = torch.randn(3, 3)
+    fc, fa = torch.rand(3, 7) + 0.1, torch.rand(3, 7)
+    one = consistency_loss(logits, logits, fc, fa, y, 0.5, 1.0)
+    # Features ten times larger (a wider or larger-valued φ): the same relative term.
+    ten = consistency_loss(logits, logits, 10 * fc, 10 * fa, y, 0.5, 1.0)
+    torch.testing.assert_close(one, ten)
+    # The summed term grows with the square of the scale.
+    ce = consistency_loss(logits, logits, fc, fa, y, 0.5, 0.0)
+    sum1 = consistency_loss(logits, logits, fc, fa, y, 0.5, 1.0, "sum") - ce
+    sum10 = consistency_loss(logits, logits, 10 * fc, 10 * fa, y, 0.5, 1.0, "sum") - ce
+    torch.testing.assert_close(sum10, 100 * sum1)
+    # Features that agree add 0; opposite ones add 2, the term's bound.
+    torch.testing.assert_close(consistency_loss(logits, logits, fc, fc, y, 0.5, 1.0), ce)
+    torch.testing.assert_close(consistency_loss(logits, logits, fc, -fc, y, 0.5, 1.0), ce + 2)
+    # The norms are constants: the gradient is 2(φ − φ_adv)/(‖φ‖² + ‖φ_adv‖²) over the batch.
+    fc.requires_grad_(True)
+    consistency_loss(logits, logits, fc, fa, y, 0.5, 1.0).backward()
+    want = 2 * (fc - fa) / (fc.pow(2).sum(1, keepdim=True) + fa.pow(2).sum(1, keepdim=True)) / 3
+    torch.testing.assert_close(fc.grad, want.detach())
 
 
 def test_phi_logits_and_named_layer():

@@ -13,7 +13,10 @@ from advinterp.reproduce import (
     ReproduceConfig,
     _Stages,
     findings,
+    format_sweep,
     stage_costs,
+    sweep,
+    sweep_table,
     verdict,
 )
 
@@ -111,6 +114,60 @@ def test_interrupted_stages_resume_to_the_same_numbers(quick_run):
     after = json.loads((quick_run / "summary.json").read_text())
     for key in ("table1", "table2", "fig10"):
         assert after[key] == before[key]
+
+
+def test_sweep_reuses_the_models_and_judges_each_claim_per_setting(quick_run):
+    before = (quick_run / "summary.json").read_text()
+    adv = quick_run / "adv" / "resnet-opt" / "attack.json"
+    adv_before = adv.read_text()
+    table = sweep(ReproduceConfig(quick=True), quick_run, ({"lam": 10.0}, {"sigma": 2.0}))
+    default, lam10, sigma2 = table["settings"]
+    assert lam10 == "λ=10, 20 steps" and sigma2 == "σ=2"
+    # The default run is reused as it is: its summary and adversarial sets are untouched.
+    assert (quick_run / "summary.json").read_text() == before
+    assert adv.read_text() == adv_before
+    for name in ("resnet", "resnet-Adv", "resnet-AT"):
+        assert (quick_run / "sweep" / "lam10" / name).is_symlink()
+        attack = table["attacks"][lam10][name]
+        assert (attack["lam"], attack["steps"]) == (10.0, 20)
+        assert table["attacks"][sigma2][name] == table["attacks"][default][name]
+    assert table["sigma"] == {default: 1.0, lam10: 1.0, sigma2: 2.0}
+    claims = {row["claim"]: row for row in table["claims"]}
+    findings_ = json.loads(before)["findings"]
+    assert list(claims) == [f["claim"] for f in findings_]
+    for f in findings_:
+        row = claims[f["claim"]]
+        assert row["settings"][default]["estimate"] == f["estimate"]
+        assert set(row["settings"]) == {default, lam10, sigma2}
+    # σ changes CS1 and CS2 but not Table 1 (same dissections) or Table 2.
+    for claim, row in claims.items():
+        same = row["settings"][default]["estimate"] == row["settings"][sigma2]["estimate"]
+        if "CS1" in claim or "CS2" in claim:
+            assert not same, claim
+        else:
+            assert same, claim
+    text = format_sweep(table)
+    assert "λ=10, 20 steps" in text and "σ=2" in text
+    report = (quick_run / "report" / "index.html").read_text()
+    assert 'id="sweep"' in report and "σ=2" in report
+
+
+def test_sweep_table_marks_claims_whose_verdict_depends_on_the_setting():
+    def summary(*verdicts):
+        return {
+            "findings": [
+                {"claim": c, "verdict": v, "estimate": e, "interval": [e - 1, e + 1], "unit": ""}
+                for c, v, e in zip(("a", "b"), verdicts, (2.0, 0.5), strict=True)
+            ],
+            "attacks": {"m": {"lam": 10, "steps": 20, "success_rate": 0.5}},
+        }
+
+    table = sweep_table({"s1": summary("holds", "undecided"), "s2": summary("holds", "fails")})
+    a, b = table["claims"]
+    assert (a["claim"], a["robust"], a["verdicts"]) == ("a", True, {"holds": 2})
+    assert (b["robust"], b["verdicts"]) == (False, {"undecided": 1, "fails": 1})
+    assert b["settings"]["s2"]["verdict"] == "fails"
+    assert "verdict depends on setting" in format_sweep(table)
 
 
 def test_unknown_architecture_is_one_line(tmp_path, capsys):

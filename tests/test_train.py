@@ -49,16 +49,16 @@ def test_resume_after_a_crash_gives_the_same_model(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=2, limit=600, batch_size=100, eval_limit=200)
     train(cfg, tmp_path / "straight", progress=False)
 
-    real_save = train_mod._save
+    real_save = train_mod.save_training
 
-    def crash_after_first_epoch(out, cfg, model, opt, history, elapsed):
-        real_save(out, cfg, model, opt, history, elapsed)
+    def crash_after_first_epoch(*args, **kwargs):
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_save", crash_after_first_epoch)
+    monkeypatch.setattr(train_mod, "save_training", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "crashed", progress=False)
-    monkeypatch.setattr(train_mod, "_save", real_save)
+    monkeypatch.setattr(train_mod, "save_training", real_save)
     assert read_json(tmp_path / "crashed" / "model.json")["history"][-1]["epoch"] == 1
     train(cfg, tmp_path / "crashed", resume=True, progress=False)
 

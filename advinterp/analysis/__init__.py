@@ -1,9 +1,12 @@
 """The paper's neuron analysis: unit galleries (Fig. 2) and WordNet semantics (Fig. 10).
 
 Sits after ``metrics`` in the data flow: it pairs real images with an
-adversarial set (:func:`open_paired_sets`), records units in one pass per set
-(:func:`top_pass`), and turns the top-k stores into galleries with saliency
-maps (:func:`unit_galleries`) or per-unit LC, CS1, CS2 (:func:`model_semantics`).
+adversarial set (:func:`open_paired_sets`), records units in one pass over both
+(:func:`paired_pass`; :func:`top_pass` for one set), and turns the top-k stores
+into galleries with saliency maps (:func:`unit_galleries`), per-unit LC, CS1,
+CS2 (:func:`model_semantics`), or both from one pass
+(:func:`semantics_and_galleries`). The passes run on one process or split over
+``torchrun`` processes, and resume from a checkpoint (:mod:`advinterp.tally`).
 """
 
 from advinterp.analysis.galleries import (
@@ -14,7 +17,15 @@ from advinterp.analysis.galleries import (
     unit_galleries,
     write_galleries,
 )
-from advinterp.analysis.paired import PairedSets, open_paired_sets, pair_sets, top_pass
+from advinterp.analysis.onepass import semantics_and_galleries
+from advinterp.analysis.paired import (
+    PairedSets,
+    Store,
+    open_paired_sets,
+    pair_sets,
+    paired_pass,
+    top_pass,
+)
 from advinterp.analysis.saliency import activation_maps, discrepancy_maps, saliency_maps
 from advinterp.analysis.semantics import (
     ModelSemantics,
@@ -29,6 +40,9 @@ __all__ = [
     "open_paired_sets",
     "pair_sets",
     "top_pass",
+    "Store",
+    "paired_pass",
+    "semantics_and_galleries",
     "discrepancy_maps",
     "activation_maps",
     "saliency_maps",

@@ -13,25 +13,34 @@ is still predicted as its own class and is never boxed.
 
 Units are given, or the ``count`` with the highest LC (eq. 11, over the top 1%
 of real images: the most class-specific units), or ``count`` drawn at random
-with a seed. One pass over the real and one over the adversarial images
-records the layer; nothing but the top-k stores is kept.
+with a seed. One pass over the real and adversarial images
+(:func:`~advinterp.analysis.paired.paired_pass`) records the layer; nothing but
+the top-k stores is kept. The same pass can feed the semantics too
+(:func:`~advinterp.analysis.onepass.semantics_and_galleries`).
+
+Under ``torchrun --nproc-per-node N -m advinterp topk …`` each process records
+its share of the batches (the stores are merged, equal to one process's), the
+saliency maps are split between the processes, and process 0 writes the
+galleries; with ``partial`` (the CLI's ``OUT/topk.partial``) a killed pass
+resumes from its last finished chunk of images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from advinterp.analysis.paired import PairedSets, top_pass
+from advinterp.analysis.paired import PairedSets, Store, paired_pass
 from advinterp.analysis.saliency import SALIENCY, layer_maps, saliency_maps
+from advinterp.distributed import World
 from advinterp.errors import UserError
 from advinterp.io import atomic_replace, save_tensors, write_json
 from advinterp.metrics.semantics import class_distribution, lc
 from advinterp.record import resolve_layers
-from advinterp.stats import k_for_fraction
+from advinterp.stats import TopK, k_for_fraction
 
 __all__ = [
     "SELECTIONS",
@@ -39,7 +48,10 @@ __all__ = [
     "Galleries",
     "select_units",
     "dominant_class",
+    "check_gallery",
+    "gallery_stores",
     "unit_galleries",
+    "galleries_from_tops",
     "plot_unit_gallery",
     "write_galleries",
 ]
@@ -155,6 +167,45 @@ def dominant_class(labels: Sequence[int]) -> tuple[int, int]:
     return top, best
 
 
+def check_gallery(
+    model,
+    pairs: PairedSets,
+    layer: str,
+    units: Sequence[int] | None = None,
+    k: int = 8,
+    saliency: str = "discrepancy",
+    distances: torch.Tensor | None = None,
+) -> tuple[str, torch.Tensor | None]:
+    """Check a gallery request before any pass: ``(layer name, class distances)``, the
+    distances from the model's wnids when not given (None without wnids)."""
+    from advinterp.metrics.wordnet import class_distance_matrix
+
+    if saliency not in SALIENCY:
+        raise UserError(f"unknown saliency {saliency!r}: use one of {', '.join(SALIENCY)}")
+    if k < 1:
+        raise UserError(f"need at least one image per gallery row, got k={k}")
+    (layer,) = resolve_layers(model, layer)
+    num_classes = model.num_classes
+    if distances is None and getattr(model, "wnids", None):
+        distances = class_distance_matrix(model.wnids)
+    if distances is not None and tuple(distances.shape) != (num_classes, num_classes):
+        raise UserError(
+            f"class distances are {tuple(distances.shape)} but the model has {num_classes} classes"
+        )
+    if units is not None:
+        select_units(layer_maps(model, layer, pairs.adversarial_images([0])).shape[1], units)
+    return layer, distances
+
+
+def gallery_stores(pairs: PairedSets, k: int = 8, fraction: float = 0.01) -> dict[str, Store]:
+    """The top-k stores galleries read: the top ``k`` real and adversarial images of each
+    unit, and (the same real store, deeper) the top ``fraction`` real images for LC."""
+    return {
+        "real": Store("real", max(k, k_for_fraction(len(pairs), fraction))),
+        "adversarial": Store("adversarial", k),
+    }
+
+
 def unit_galleries(
     model,
     pairs: PairedSets,
@@ -172,6 +223,10 @@ def unit_galleries(
     reduce: str = "max",
     batch_size: int = 128,
     progress: bool = False,
+    *,
+    world: World | None = None,
+    partial: str | Path | None = None,
+    chunk: int | None = None,
     **saliency_options,
 ) -> Galleries:
     """Galleries of units of ``layer``: top-``k`` real and adversarial images with saliency maps.
@@ -187,6 +242,9 @@ def unit_galleries(
         box_distance: box adversarial images the attack fooled the model on and that it
             predicts within this distance of the real images' dominant class.
         fraction: share of the real images whose classes define LC (the paper's 1%).
+        world, partial, chunk: processes, checkpoint file and images per checkpoint of
+            the pass (:func:`~advinterp.analysis.paired.paired_pass`); the saliency maps
+            are split between the processes too, and every process returns the galleries.
 
     Example::
 
@@ -194,52 +252,80 @@ def unit_galleries(
                            select="lc", count=4)
         write_galleries(g, "runs/galleries")
     """
-    from advinterp.metrics.wordnet import class_distance_matrix, similarity_from_distances
+    layer, distances = check_gallery(model, pairs, layer, units, k, saliency, distances)
+    tops = paired_pass(
+        model,
+        pairs,
+        [layer],
+        gallery_stores(pairs, k, fraction),
+        reduce=reduce,
+        batch_size=batch_size,
+        world=world,
+        partial=partial,
+        chunk=chunk,
+        progress=progress,
+    )
+    return galleries_from_tops(
+        model,
+        pairs,
+        layer,
+        tops,
+        units=units,
+        select=select,
+        count=count,
+        seed=seed,
+        k=k,
+        saliency=saliency,
+        distances=distances,
+        sigma=sigma,
+        box_distance=box_distance,
+        fraction=fraction,
+        reduce=reduce,
+        progress=progress,
+        world=world,
+        **saliency_options,
+    )
 
-    if saliency not in SALIENCY:
-        raise UserError(f"unknown saliency {saliency!r}: use one of {', '.join(SALIENCY)}")
-    if k < 1:
-        raise UserError(f"need at least one image per gallery row, got k={k}")
-    (layer,) = resolve_layers(model, layer)
+
+def galleries_from_tops(
+    model,
+    pairs: PairedSets,
+    layer: str,
+    tops: Mapping[str, Mapping[str, TopK]],
+    *,
+    units: Sequence[int] | None = None,
+    select: str = "lc",
+    count: int = 8,
+    seed: int = 0,
+    k: int = 8,
+    saliency: str = "discrepancy",
+    distances: torch.Tensor | None = None,
+    sigma: float = 1.0,
+    box_distance: float = 2.0,
+    fraction: float = 0.01,
+    reduce: str = "max",
+    progress: bool = False,
+    world: World | None = None,
+    **saliency_options,
+) -> Galleries:
+    """The galleries of :func:`unit_galleries` from the stores of a pass that holds at least
+    :func:`gallery_stores` (``tops["real"][layer]``, ``tops["adversarial"][layer]``; deeper
+    stores are cut to their first ``k``, which are the same images)."""
+    from advinterp.metrics.wordnet import similarity_from_distances
+
+    world = world or World()
     num_classes = model.num_classes
     classes = list(model.classes or [str(c) for c in range(num_classes)])
-    if distances is None and getattr(model, "wnids", None):
-        distances = class_distance_matrix(model.wnids)
-    if distances is not None and tuple(distances.shape) != (num_classes, num_classes):
-        raise UserError(
-            f"class distances are {tuple(distances.shape)} but the model has {num_classes} classes"
-        )
-    if units is not None:  # fail before the passes, not after
-        select_units(layer_maps(model, layer, pairs.adversarial_images([0])).shape[1], units)
-    k_lc = k_for_fraction(len(pairs), fraction)
-    real_top = top_pass(
-        model,
-        pairs.real_batches(batch_size),
-        [layer],
-        {"gallery": (k, None), "lc": (k_lc, None)},
-        reduce=reduce,
-        progress=progress,
-        desc="real images",
-        total=-(-len(pairs) // batch_size),
-    )
-    adv_top = top_pass(
-        model,
-        pairs.adversarial_batches(batch_size),
-        [layer],
-        {"gallery": (k, None)},
-        reduce=reduce,
-        progress=progress,
-        desc="adversarial images",
-        total=-(-len(pairs) // batch_size),
-    )
-    real_values, real_pos = real_top["gallery"][layer].result()
-    adv_values, adv_pos = adv_top["gallery"][layer].result()
+    real_values, real_pos = tops["real"][layer].result()
+    adv_values, adv_pos = tops["adversarial"][layer].result()
     num_units = real_values.shape[0]
     lc_values = None
     if distances is not None:
-        _, lc_pos = real_top["lc"][layer].result()
+        lc_pos = real_pos[:, : k_for_fraction(len(pairs), fraction)]
         p = class_distribution(_gather(pairs.labels, lc_pos), num_classes)
         lc_values = lc(p, similarity_from_distances(distances, sigma))
+    real_values, real_pos = real_values[:, :k], real_pos[:, :k]
+    adv_values, adv_pos = adv_values[:, :k], adv_pos[:, :k]
     chosen = select_units(num_units, units, select, count, seed, lc_values)
 
     success = pairs.success
@@ -316,7 +402,7 @@ def unit_galleries(
         )
         galleries.units.append(gallery)
         pending.append(gallery)
-    # All saliency maps of all units in one batched call.
+    # All saliency maps of all units in batched calls, the images split between the processes.
     images = torch.cat([t for g in pending for t in (g.real_images, g.adversarial_images)])
     unit_ids = torch.cat(
         [
@@ -327,13 +413,19 @@ def unit_galleries(
     )
     options = dict(saliency_options)
     if saliency == "discrepancy":
-        options.setdefault("progress", progress)
-    maps = saliency_maps(saliency, model, layer, images, unit_ids, **options)
+        options.setdefault("progress", progress and world.is_main)
+    shard = world.shard(len(images))
+    mine = shard.take(images)
+    if len(mine):
+        mine = saliency_maps(saliency, model, layer, mine, shard.take(unit_ids), **options).cpu()
+    else:
+        mine = images.new_empty(0, *images.shape[2:])
+    maps = torch.cat(world.all_gather(mine))
     start = 0
     for g in pending:
-        g.real_maps = maps[start : start + len(g.real_images)].cpu()
+        g.real_maps = maps[start : start + len(g.real_images)]
         start += len(g.real_images)
-        g.adversarial_maps = maps[start : start + len(g.adversarial_images)].cpu()
+        g.adversarial_maps = maps[start : start + len(g.adversarial_images)]
         start += len(g.adversarial_images)
     return galleries
 

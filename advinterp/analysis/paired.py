@@ -1,4 +1,4 @@
-"""Real images paired with their adversarial counterparts, and one recording pass over either.
+"""Real images paired with their adversarial counterparts, and one recording pass over both.
 
 An adversarial set from ``advinterp attack`` holds, for each of its ``M``
 images, the index of the clean image it was made from. The analysis indexes
@@ -12,10 +12,21 @@ so no pass holds more than a batch of either.
 
 :func:`open_paired_sets` checks that the set fits the model and the dataset
 (same labels, same image size, same clean predictions) before any long pass.
+
+:func:`paired_pass` records the units of the real and the adversarial images of
+each batch of positions once and feeds every top-k store that the analyses ask
+for (semantics' top 1%, the galleries' top 8, the successful images' own top
+1%). It runs through :class:`~advinterp.tally.Tally`: under ``torchrun
+--nproc-per-node N`` each process records its share of the batches and the
+stores are merged (bit for bit the one-process stores), and with a ``partial``
+file a killed pass resumes from its last finished chunk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +35,24 @@ import torch
 
 from advinterp.attacks.advset import AdversarialSet
 from advinterp.attacks.base import attack_succeeded
-from advinterp.data import TensorImageSet, batches, open_dataset
+from advinterp.data import TensorImageSet, open_dataset
 from advinterp.device import model_device
+from advinterp.distributed import World
 from advinterp.errors import UserError
 from advinterp.progress import progress as tqdm
-from advinterp.record import Recorder
+from advinterp.record import Recorder, resolve_layers
 from advinterp.stats import TopK
+from advinterp.tally import Tally, numbered_batches, weights_fingerprint
 
-__all__ = ["PairedSets", "open_paired_sets", "pair_sets", "top_pass"]
+__all__ = [
+    "PairedSets",
+    "Store",
+    "open_paired_sets",
+    "pair_sets",
+    "paired_pass",
+    "top_pass",
+    "unit_counts",
+]
 
 # Share of clean predictions that may differ from the ones stored with the set
 # (float summation order differs between batch sizes and machines).
@@ -124,18 +145,48 @@ class PairedSets:
         }
 
     def real_batches(
-        self, batch_size: int
+        self, batch_size: int, numbers: Iterable[int] | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(images, true labels, positions)`` batches of the real images."""
-        return batches(self.real, batch_size, workers=self.workers, pin_memory=self.pin_memory)
+        """``(images, true labels, positions)`` batches of the real images: all of them, or
+        the batches ``numbers`` (ascending; batch ``i`` holds positions ``i·B … (i+1)·B − 1``)."""
+        if numbers is None:
+            numbers = range(math.ceil(len(self) / batch_size))
+        return numbered_batches(self.real, batch_size, numbers, self.workers, self.pin_memory)
 
     def adversarial_batches(
-        self, batch_size: int
+        self, batch_size: int, numbers: Iterable[int] | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """``(images, true labels, positions)`` batches of the adversarial set, read from
-        its shards one batch at a time."""
-        for images, pos in self.adversarial.batches(batch_size):
-            yield images, self.labels[pos], pos
+        its shards one batch at a time: all of them, or the batches ``numbers`` (ascending)."""
+        wanted = None if numbers is None else set(numbers)
+        if wanted is not None and not wanted:
+            return
+        last = None if wanted is None else max(wanted)
+        # The shards are memory-mapped: a batch passed over is never read.
+        for i, (images, pos) in enumerate(self.adversarial.batches(batch_size)):
+            if wanted is None or i in wanted:
+                yield images, self.labels[pos], pos
+            if last is not None and i >= last:
+                return
+
+    def batches(
+        self, images: str, batch_size: int, numbers: Iterable[int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """:meth:`real_batches` (``images="real"``) or :meth:`adversarial_batches`."""
+        if images == "real":
+            return self.real_batches(batch_size, numbers)
+        if images == "adversarial":
+            return self.adversarial_batches(batch_size, numbers)
+        raise ValueError(f"images are 'real' or 'adversarial', not {images!r}")
+
+    def fingerprint(self) -> str:
+        """A short hash of the set's attack.json and per-image classes and indices: which
+        pairs a checkpoint of a pass over them was made from."""
+        h = hashlib.sha256(json.dumps(self.meta, sort_keys=True, default=str).encode())
+        for t in (self.indices, self.labels, self.targets, self.preds, self.clean_preds):
+            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+        h.update(str(getattr(self.real, "name", None)).encode())
+        return h.hexdigest()[:16]
 
     def real_images(self, positions: Sequence[int]) -> torch.Tensor:
         """The real images at ``positions``, stacked (for galleries)."""
@@ -288,6 +339,74 @@ def _dataset_labels(dataset, indices: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+class _Fold:
+    """Responses of several layers folded into top-k stores over their concatenated units.
+
+    Rows are kept until ``flush_rows`` images have come and then folded into each
+    store at once, rather than per layer and batch: with small batches (which keep a
+    CPU's caches warm) the per-call cost of ``topk`` would otherwise rival the
+    forward pass. ``allowed`` (per store, a boolean tensor over image positions, or
+    None for all) picks the images a store takes.
+    """
+
+    def __init__(
+        self,
+        tops: Mapping[str, TopK],
+        allowed: Mapping[str, torch.Tensor | None],
+        flush_rows: int,
+    ):
+        self.tops = tops
+        self.allowed = dict(allowed)
+        self.flush_rows = flush_rows
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in tops}
+        self.rows = dict.fromkeys(tops, 0)
+
+    def add(self, responses: Mapping[str, torch.Tensor], pos) -> None:
+        joined = torch.cat(list(responses.values()), dim=1)
+        pos = torch.as_tensor(pos).to(joined.device, non_blocking=True)
+        for name in self.tops:
+            allowed = self.allowed[name]
+            if allowed is None:
+                self.pending[name].append((joined, pos))
+            else:
+                if allowed.device != joined.device:
+                    allowed = self.allowed[name] = allowed.to(joined.device)
+                keep = allowed[pos]
+                self.pending[name].append((joined[keep], pos[keep]))
+            self.rows[name] += len(self.pending[name][-1][1])
+            if self.rows[name] >= self.flush_rows:
+                self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        if self.pending[name]:
+            values, pos = zip(*self.pending[name], strict=True)
+            self.tops[name].add(torch.cat(values), torch.cat(pos))
+            self.pending[name].clear()
+            self.rows[name] = 0
+
+    def flush(self) -> None:
+        for name in self.tops:
+            self._flush(name)
+
+
+def _split_layers(top: TopK, sizes: Mapping[str, int]) -> dict[str, TopK]:
+    """A store over concatenated units cut back into one store per layer, on the CPU."""
+    values, indices = (t.cpu() for t in top.result())
+    parts, start = {}, 0
+    for layer, size in sizes.items():
+        part = TopK(top.k, size)
+        part.set_state_dict(
+            {
+                "values": values[start : start + size],
+                "indices": indices[start : start + size],
+                "count": torch.tensor(top.count),
+            }
+        )
+        parts[layer] = part
+        start += size
+    return parts
+
+
 def top_pass(
     model,
     batches: Iterable,
@@ -299,7 +418,7 @@ def top_pass(
     total: int | None = None,
     flush_rows: int = 2048,
 ) -> dict[str, dict[str, TopK]]:
-    """One pass over ``batches`` feeding several top-k stores per recorded layer.
+    """One pass over ``batches`` of one image set feeding several top-k stores per layer.
 
     ``stores`` maps a name to ``(k, allowed)``: ``allowed`` is ``None`` (every
     image) or a boolean tensor over image positions (only those images enter that
@@ -307,67 +426,143 @@ def top_pass(
     first item is the images and last their positions. Returns
     ``{store: {layer: TopK}}``, the same as feeding every batch to one
     :class:`~advinterp.stats.TopK` per layer; the forward pass runs once whatever
-    the number of stores. The stores fill on the model's device (positions and
-    ``allowed`` follow the responses there) and are returned on the CPU.
-
-    Responses of all layers are concatenated and folded into one top-k store per
-    ``flush_rows`` images rather than per layer and batch: with small batches
-    (which keep a CPU's caches warm) the per-call cost of ``topk`` would
-    otherwise rival the forward pass.
+    the number of stores. The stores fill on the model's device and are returned
+    on the CPU. For the real and adversarial images of a paired set together,
+    sharded over processes and resumable, see :func:`paired_pass`.
     """
-    sizes: dict[str, int] = {}
-    merged: dict[str, TopK] = {}
-    allowed_on: dict[str, torch.Tensor | None] = {}
-    pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in stores}
-    rows = dict.fromkeys(stores, 0)
-
-    def flush(name: str) -> None:
-        if pending[name]:
-            values, pos = zip(*pending[name], strict=True)
-            merged[name].add(torch.cat(values), torch.cat(pos))
-            pending[name].clear()
-            rows[name] = 0
-
+    fold, sizes = None, {}
     model.eval()
     with Recorder(model, layers, reduce=reduce) as rec, torch.inference_mode():
         for item in tqdm(
             batches, total=total, desc=desc, unit="batch", disable=not progress, leave=False
         ):
-            x, pos = item[0], item[-1]
-            responses = rec(x)
-            joined = torch.cat(list(responses.values()), dim=1)
-            if not sizes:
+            responses = rec(item[0])
+            if fold is None:
                 sizes = {layer: resp.shape[1] for layer, resp in responses.items()}
-                merged = {name: TopK(k, sum(sizes.values())) for name, (k, _) in stores.items()}
-                allowed_on = {
-                    name: None if allowed is None else allowed.to(joined.device)
-                    for name, (_, allowed) in stores.items()
-                }
-            pos = torch.as_tensor(pos).to(joined.device, non_blocking=True)
-            for name in stores:
-                allowed = allowed_on[name]
-                if allowed is None:
-                    pending[name].append((joined, pos))
-                else:
-                    keep = allowed[pos]
-                    pending[name].append((joined[keep], pos[keep]))
-                rows[name] += len(pending[name][-1][1])
-                if rows[name] >= flush_rows:
-                    flush(name)
-    tops: dict[str, dict[str, TopK]] = {}
-    for name, top in merged.items():
-        flush(name)
-        values, indices = (t.cpu() for t in top.result())
-        tops[name], start = {}, 0
-        for layer, size in sizes.items():
-            part = TopK(top.k, size)
-            part.set_state_dict(
-                {
-                    "values": values[start : start + size],
-                    "indices": indices[start : start + size],
-                    "count": torch.tensor(top.count),
-                }
-            )
-            tops[name][layer] = part
-            start += size
-    return tops
+                tops = {name: TopK(k, sum(sizes.values())) for name, (k, _) in stores.items()}
+                allowed = {name: a for name, (_, a) in stores.items()}
+                fold = _Fold(tops, allowed, flush_rows)
+            fold.add(responses, item[-1])
+    if fold is None:
+        return {name: {} for name in stores}
+    fold.flush()
+    return {name: _split_layers(top, sizes) for name, top in fold.tops.items()}
+
+
+@dataclass(frozen=True)
+class Store:
+    """A top-k store of :func:`paired_pass`: the ``k`` strongest ``images`` (``"real"`` or
+    ``"adversarial"``) of every unit, among the positions ``allowed`` (boolean over
+    positions; None: all)."""
+
+    images: str
+    k: int
+    allowed: torch.Tensor | None = None
+
+    def fingerprint(self) -> list:
+        mask = None
+        if self.allowed is not None:
+            bits = self.allowed.to(torch.bool).cpu().contiguous().numpy().tobytes()
+            mask = hashlib.sha256(bits).hexdigest()[:16]
+        return [self.images, self.k, mask]
+
+
+def unit_counts(model, layers: Sequence[str], x: torch.Tensor, reduce: str = "max") -> dict:
+    """Units per recorded layer, from one forward pass (stopped after the last layer)."""
+    with Recorder(model, layers, reduce=reduce, stop=True) as rec, torch.inference_mode():
+        return {layer: resp.shape[1] for layer, resp in rec(x).items()}
+
+
+def paired_pass(
+    model,
+    pairs: PairedSets,
+    layers: str | Sequence[str],
+    stores: Mapping[str, Store],
+    *,
+    reduce: str = "max",
+    batch_size: int = 128,
+    world: World | None = None,
+    partial: str | Path | None = None,
+    chunk: int | None = None,
+    progress: bool = False,
+    desc: str = "real + adversarial images",
+    flush_rows: int = 2048,
+) -> dict[str, dict[str, TopK]]:
+    """One pass over the real and adversarial images of ``pairs`` feeding every top-k store.
+
+    Each batch of positions is read once from each set and recorded once
+    (``layers``: names, ``"units"`` or ``"conv"`` as :func:`~advinterp.record.resolve_layers`
+    takes them; the forward stops after the last of them);
+    its responses go into every store of ``stores`` (name → :class:`Store`) of
+    that set. Returns ``{store: {layer: TopK}}`` on the CPU, the same on every
+    process: what :func:`top_pass` gives over each set.
+
+    Args:
+        world: the processes (:func:`advinterp.distributed.joined`); each records
+            the batches ``i`` with ``i % N == rank`` of every chunk and the stores
+            are merged after each chunk, equal bit for bit to one process's (ties
+            go to the smaller position, :class:`~advinterp.stats.TopK`).
+        partial: a file to checkpoint the stores into after every chunk of
+            ``chunk`` images (default :data:`~advinterp.tally.CHUNK_IMAGES`); the same
+            pass run again resumes after the last finished chunk (or, finished, only
+            reads the file). The caller removes it once the outputs are written.
+
+    Example::
+
+        tops = paired_pass(model, pairs, "units", {"real": Store("real", 100),
+                                                  "adversarial": Store("adversarial", 100)})
+        values, positions = tops["real"]["layer3.0"].result()   # 64×100 each
+    """
+    world = world or World()
+    layers = resolve_layers(model, layers)
+    model.eval()
+    sizes = unit_counts(model, layers, pairs.adversarial_images([0]), reduce)
+    units = sum(sizes.values())
+
+    def make() -> dict[str, TopK]:
+        return {name: TopK(store.k, units) for name, store in stores.items()}
+
+    fingerprint = {
+        "pass": "paired top-k",
+        "model": weights_fingerprint(model),
+        "pairs": pairs.fingerprint(),
+        "layers": layers,
+        "reduce": reduce,
+        "stores": {name: store.fingerprint() for name, store in stores.items()},
+    }
+    tally = Tally(
+        make,
+        len(pairs),
+        batch_size,
+        chunk=chunk,
+        world=world,
+        partial=partial,
+        fingerprint=fingerprint,
+        progress=progress,
+        desc=desc,
+    )
+    kinds = [
+        kind for kind in ("real", "adversarial") if any(s.images == kind for s in stores.values())
+    ]
+    bar = tqdm(
+        total=len(kinds) * tally.remaining(),
+        desc=desc,
+        unit="batch",
+        disable=not (progress and world.is_main),
+        leave=False,
+    )
+    with Recorder(model, layers, reduce=reduce, stop=True) as rec, torch.inference_mode():
+        for numbers in tally.chunks():
+            fresh = make()
+            for kind in kinds:
+                mine = {n: s for n, s in stores.items() if s.images == kind}
+                fold = _Fold(
+                    {n: fresh[n] for n in mine}, {n: s.allowed for n, s in mine.items()}, flush_rows
+                )
+                for x, _, pos in pairs.batches(kind, batch_size, numbers):
+                    fold.add(rec(x), pos)
+                    bar.update()
+                fold.flush()
+            tally.commit(fresh)
+    bar.close()
+    return {name: _split_layers(top, sizes) for name, top in tally.stats.items()}

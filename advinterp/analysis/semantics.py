@@ -1,7 +1,8 @@
 """LC, CS1 and CS2 of every unit of every conv layer, and the paper's Fig. 10.
 
-One pass over the real images and one over the adversarial set record all
-conv layers at once and keep, per unit, only its top 1% responses
+One pass over the real images and their adversarial counterparts
+(:func:`~advinterp.analysis.paired.paired_pass`) records all conv layers at
+once and keeps, per unit, only its top 1% responses
 (:class:`advinterp.stats.TopK`). From the classes of those images
 (:func:`advinterp.metrics.semantics.unit_semantics`): ``p`` (true classes of the
 top real images), ``q`` (true classes of the top adversarial images), ``q̃``
@@ -14,6 +15,15 @@ adversarial images, and over the successful ones only (their own top 1%).
 
 For an untargeted adversarial set ``q̃`` uses the model's prediction on each
 adversarial image in place of a target.
+
+Processes and resuming: ``torchrun --nproc-per-node N -m advinterp semantics …``
+runs the pass on N processes (gloo on CPUs, NCCL with one GPU each); each
+records its share of the batches, the top-k stores are merged (bit for bit
+those of one process, so the tables are too) and process 0 writes the outputs.
+With ``partial`` (the CLI's ``OUT/semantics.<i>.partial`` for its ``i``-th
+model) the stores are checkpointed every chunk of images, and the same command
+run again after a kill resumes from the last finished chunk. The pass can also
+feed the galleries (:func:`~advinterp.analysis.onepass.semantics_and_galleries`).
 """
 
 from __future__ import annotations
@@ -27,16 +37,21 @@ from pathlib import Path
 
 import torch
 
-from advinterp.analysis.paired import PairedSets, top_pass
+from advinterp.analysis.paired import PairedSets, Store, paired_pass
+from advinterp.distributed import World
 from advinterp.errors import UserError
 from advinterp.io import atomic_replace, write_json
 from advinterp.metrics.semantics import fig10_bins, unit_semantics
-from advinterp.stats import k_for_fraction
+from advinterp.record import resolve_layers
+from advinterp.stats import TopK, k_for_fraction
 
 __all__ = [
     "CSV_COLUMNS",
     "ModelSemantics",
+    "check_similarity",
+    "semantics_stores",
     "model_semantics",
+    "semantics_from_tops",
     "units_csv",
     "plot_fig10",
     "write_semantics",
@@ -103,16 +118,48 @@ class ModelSemantics:
         }
 
 
+def check_similarity(model, C: torch.Tensor) -> torch.Tensor:
+    """``C`` as float64, checked against the model's classes before any pass."""
+    C = torch.as_tensor(C, dtype=torch.float64)
+    if tuple(C.shape) != (model.num_classes, model.num_classes):
+        raise UserError(
+            f"the class similarity matrix is {tuple(C.shape)} but the model has "
+            f"{model.num_classes} classes: build it from the model's class list"
+        )
+    return C
+
+
+def _ks(pairs: PairedSets, fraction: float) -> tuple[int, int]:
+    """``(k of the real and of all adversarial images, k of the successful ones)``."""
+    n_success = int(pairs.success.sum())
+    return k_for_fraction(len(pairs), fraction), k_for_fraction(max(n_success, 1), fraction)
+
+
+def semantics_stores(pairs: PairedSets, fraction: float = 0.01) -> dict[str, Store]:
+    """The top-k stores the semantics read: each unit's top ``fraction`` of the real images,
+    of the adversarial images, and of the successful adversarial images."""
+    k, k_success = _ks(pairs, fraction)
+    return {
+        "real": Store("real", k),
+        "adversarial": Store("adversarial", k),
+        "successful": Store("adversarial", k_success, pairs.success),
+    }
+
+
 def model_semantics(
     model,
     pairs: PairedSets,
     C: torch.Tensor,
-    layers: str | Sequence[str] = "conv",
+    layers: str | Sequence[str] = "units",
     fraction: float = 0.01,
     reduce: str = "max",
     batch_size: int = 128,
     name: str | None = None,
     progress: bool = False,
+    *,
+    world: World | None = None,
+    partial: str | Path | None = None,
+    chunk: int | None = None,
 ) -> ModelSemantics:
     """LC, CS1, CS2 per unit of ``layers`` (default every conv layer) of ``model``.
 
@@ -122,6 +169,11 @@ def model_semantics(
         C: ``K×K`` class similarity (eq. 10, :func:`~advinterp.metrics.wordnet.similarity_matrix`).
         fraction: a unit's top images are this share of each set (the paper's 1%).
         reduce: a unit's response to an image, ``"max"`` (default) or ``"mean"`` over space.
+        world: the processes (:func:`advinterp.distributed.joined`): each records its
+            share of the images; every process returns the same result.
+        partial, chunk: checkpoint file and images per checkpoint
+            (:func:`~advinterp.analysis.paired.paired_pass`); the file stays until the
+            caller removes it.
 
     Example::
 
@@ -129,37 +181,39 @@ def model_semantics(
         result = model_semantics(model, open_paired_sets(model, "runs/resnet-opt"), C)
         result.fig10()      # [{"lc": …, "cs1": …, "cs2": …, "n_units": …}, …]
     """
-    C = torch.as_tensor(C, dtype=torch.float64)
-    if tuple(C.shape) != (model.num_classes, model.num_classes):
-        raise UserError(
-            f"the class similarity matrix is {tuple(C.shape)} but the model has "
-            f"{model.num_classes} classes: build it from the model's class list"
-        )
-    success = pairs.success
-    n_success = int(success.sum())
-    k_real = k_for_fraction(len(pairs), fraction)
-    k_adv = k_for_fraction(len(pairs), fraction)
-    k_success = k_for_fraction(max(n_success, 1), fraction)
-    real = top_pass(
+    C = check_similarity(model, C)
+    layers = resolve_layers(model, layers)
+    tops = paired_pass(
         model,
-        pairs.real_batches(batch_size),
+        pairs,
         layers,
-        {"all": (k_real, None)},
+        semantics_stores(pairs, fraction),
         reduce=reduce,
+        batch_size=batch_size,
+        world=world,
+        partial=partial,
+        chunk=chunk,
         progress=progress,
-        desc="real images",
-        total=math.ceil(len(pairs) / batch_size),
-    )["all"]
-    adv = top_pass(
-        model,
-        pairs.adversarial_batches(batch_size),
-        layers,
-        {"all": (k_adv, None), "successful": (k_success, success)},
-        reduce=reduce,
-        progress=progress,
-        desc="adversarial images",
-        total=math.ceil(len(pairs) / batch_size),
     )
+    return semantics_from_tops(model, pairs, C, tops, layers, fraction, reduce, name)
+
+
+def semantics_from_tops(
+    model,
+    pairs: PairedSets,
+    C: torch.Tensor,
+    tops: Mapping[str, Mapping[str, TopK]],
+    layers: Sequence[str],
+    fraction: float = 0.01,
+    reduce: str = "max",
+    name: str | None = None,
+) -> ModelSemantics:
+    """The :class:`ModelSemantics` of ``layers`` from the stores of a pass that holds at
+    least :func:`semantics_stores` (deeper stores are cut to their first ``k``, which are
+    the same images)."""
+    C = check_similarity(model, C)
+    n_success = int(pairs.success.sum())
+    k, k_success = _ks(pairs, fraction)
     targets = pairs.attack_classes
     result = ModelSemantics(
         name=name or getattr(model, "config", {}).get("name", "model"),
@@ -169,17 +223,17 @@ def model_semantics(
             "n_real": len(pairs),
             "n_adversarial": len(pairs),
             "n_successful": n_success,
-            "k_real": k_real,
-            "k_adversarial": k_adv,
+            "k_real": k,
+            "k_adversarial": k,
             "k_successful": k_success if n_success else 0,
             "fraction": fraction,
             "reduce": reduce,
         },
     )
-    for layer, real_top in real.items():
-        _, real_idx = real_top.result()
-        _, adv_idx = adv["all"][layer].result()
-        _, ok_idx = adv["successful"][layer].result()
+    for layer in layers:
+        real_idx = tops["real"][layer].result()[1][:, :k]
+        adv_idx = tops["adversarial"][layer].result()[1][:, :k]
+        ok_idx = tops["successful"][layer].result()[1][:, :k_success]
         every = unit_semantics(real_idx, pairs.labels, adv_idx, pairs.labels, targets, C)
         ok = unit_semantics(real_idx, pairs.labels, ok_idx, pairs.labels, targets, C)
         share, top_class = every["p"].max(1)

@@ -2,7 +2,8 @@
 
 ``open_dataset("fashion-mnist", split)`` reads Debian's Fashion-MNIST files;
 ``open_dataset("imagefolder:PATH", wnids=model_wnids)`` reads ImageNet-style
-folders named by wnid. :func:`batches` iterates either one in batches.
+folders named by wnid. :func:`batches` iterates either one in batches;
+:func:`decoded_batches` decodes given batches of an image folder's items.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "batches",
     "check_model_fits",
     "dataset_spec",
+    "decoded_batches",
     "open_dataset",
 ]
 
@@ -129,21 +131,38 @@ def batches(
             idx = order[start : start + batch_size]
             yield dataset.images[idx].float().div_(255), dataset.labels[idx], idx
         return
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, order.tolist()),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate_decodable,
-        pin_memory=pin_memory,
-    )
+    order = order.tolist()
+    index_batches = [order[start : start + batch_size] for start in range(0, n, batch_size)]
     skipped = 0
-    for x, y, idx, bad in loader:
+    for x, y, idx, bad in decoded_batches(dataset, index_batches, workers, pin_memory):
         skipped += bad
         if len(y):
             yield x, y, idx
     if skipped:
         dataset.skipped = skipped
         warnings.warn(f"skipped {skipped} image(s) that could not be decoded", stacklevel=2)
+
+
+def decoded_batches(
+    dataset,
+    index_batches: Sequence[Sequence[int]],
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Decode the items ``index_batches`` lists of an image folder, batch by batch, in order.
+
+    Yields ``(images, labels, item indices, undecodable)`` per batch: images that
+    cannot be decoded are left out and counted (a batch may come out empty).
+    ``workers`` processes decode ahead of the caller; ``pin_memory`` gives
+    page-locked batches for an asynchronous copy to a GPU.
+    """
+    yield from torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=index_batches,
+        num_workers=workers,
+        collate_fn=_collate_decodable,
+        pin_memory=pin_memory,
+    )
 
 
 def _collate_decodable(items):

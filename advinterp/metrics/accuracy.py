@@ -1,14 +1,28 @@
-"""Top-1/top-5 accuracy, clean and under FGSM: the paper's Table 2."""
+"""Top-1/top-5 accuracy, clean and under FGSM: the paper's Table 2.
+
+:func:`table2` is one pass over the images counting hits
+(:class:`~advinterp.stats.counts.Counts`) through :class:`~advinterp.tally.Tally`:
+under ``torchrun --nproc-per-node N -m advinterp evaluate …`` each process
+evaluates its share of the batches and the counts are summed (the same
+integers as one process), process 0 prints and writes ``table2.json``; with
+``--out`` the counts are checkpointed in ``OUT/table2.partial`` every chunk of
+images, so the same command run again after a kill resumes from there.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from advinterp.data import batches
 from advinterp.device import model_device
+from advinterp.distributed import World
 from advinterp.progress import progress as tqdm
+from advinterp.stats.counts import Counts
+from advinterp.tally import Tally, numbered_batches, weights_fingerprint
 
 
 def _correct_topk(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int]) -> list[int]:
@@ -51,6 +65,10 @@ def table2(
     batch_size: int = 250,
     progress: bool = False,
     workers: int = 0,
+    *,
+    world: World | None = None,
+    partial: str | Path | None = None,
+    chunk: int | None = None,
 ) -> dict:
     """The paper's Table 2 row: clean and FGSM (untargeted, true labels) top-1/top-5 in %.
 
@@ -58,33 +76,67 @@ def table2(
     ``eps[0]`` (the paper's 4/255) and ``fgsm`` holds every ε, keyed in 0–255 units.
     Each batch moves once to the model's device, where its FGSM copies are made; an
     image folder is decoded by ``workers`` processes.
+
+    ``world`` (:func:`advinterp.distributed.joined`): each process evaluates the batches
+    ``i`` with ``i % N == rank`` of every chunk, and every process returns the row of
+    all the images. ``partial``: a file the hit counts are checkpointed into every
+    ``chunk`` images; the same call after a kill resumes from it. The caller removes
+    it once the row is written.
     """
     from advinterp.attacks.fgsm import FGSM, fgsm_step
 
+    world = world or World()
     attacks = [FGSM(model, eps=e) for e in eps]
     ks = [k for k in (1, 5) if k <= model.num_classes]
-    clean = [0] * len(ks)
-    adv = [[0] * len(ks) for _ in eps]
-    n = 0
-    bar = tqdm(total=len(dataset), desc="table 2", unit="img", disable=not progress)
+
+    def make() -> dict[str, Counts]:
+        # Top-k hits, clean then at each ε: (1 + len(eps)) × len(ks) counters.
+        return {"hits": Counts((1 + len(eps)) * len(ks))}
+
+    fingerprint = {
+        "pass": "table 2",
+        "model": weights_fingerprint(model),
+        "dataset": _dataset_fingerprint(dataset),
+        "eps": [float(e) for e in eps],
+        "ks": ks,
+    }
+    tally = Tally(
+        make,
+        len(dataset),
+        batch_size,
+        chunk=chunk,
+        world=world,
+        partial=partial,
+        fingerprint=fingerprint,
+        progress=progress,
+        desc="table 2",
+    )
+    bar = tqdm(
+        total=tally.remaining(),
+        desc="table 2",
+        unit="batch",
+        disable=not (progress and world.is_main),
+    )
     model.eval()
     device = model_device(model)
-    for x, y, _ in batches(dataset, batch_size, workers=workers, pin_memory=device.type == "cuda"):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.inference_mode():
-            clean = [a + b for a, b in zip(clean, _correct_topk(model(x), y, ks), strict=True)]
-        # ∇ₓL is the same for every ε: one backward pass serves them all (eq. 1).
-        grad = attacks[0].loss_grad(x, y, None)
-        with torch.inference_mode():
-            for j, attack in enumerate(attacks):
-                x_adv = fgsm_step(x, grad, attack.eps)
-                adv[j] = [
-                    a + b for a, b in zip(adv[j], _correct_topk(model(x_adv), y, ks), strict=True)
-                ]
-        n += len(y)
-        bar.update(len(y))
+    pin = device.type == "cuda"
+    for numbers in tally.chunks():
+        fresh = make()
+        for x, y, _ in numbered_batches(dataset, batch_size, numbers, workers, pin):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.inference_mode():
+                hits = _correct_topk(model(x), y, ks)
+            # ∇ₓL is the same for every ε: one backward pass serves them all (eq. 1).
+            grad = attacks[0].loss_grad(x, y, None)
+            with torch.inference_mode():
+                for attack in attacks:
+                    hits += _correct_topk(model(fgsm_step(x, grad, attack.eps)), y, ks)
+            fresh["hits"].add(torch.tensor(hits), len(y))
+            bar.update()
+        tally.commit(fresh)
     bar.close()
-    pct = [[100.0 * h / max(n, 1) for h in row] for row in [clean, *adv]]
+    hits, n = tally.stats["hits"], tally.stats["hits"].count
+    pct = (100.0 * hits.counts.double() / max(n, 1)).view(1 + len(eps), len(ks)).tolist()
     row = {f"clean_top{k}": pct[0][i] for i, k in enumerate(ks)}
     row.update({f"fgsm_top{k}": pct[1][i] for i, k in enumerate(ks)})
     row["fgsm"] = {
@@ -93,6 +145,18 @@ def table2(
     }
     row["n"] = n
     return row
+
+
+def _dataset_fingerprint(dataset) -> str:
+    """The set's name, size and labels, hashed: which images a checkpoint counted."""
+    h = hashlib.sha256(f"{getattr(dataset, 'name', None)}:{len(dataset)}".encode())
+    labels = getattr(dataset, "labels", None)
+    samples = getattr(dataset, "samples", None)
+    if torch.is_tensor(labels):
+        h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    elif samples is not None:
+        h.update(repr(list(samples)).encode())
+    return h.hexdigest()[:16]
 
 
 def format_table2(rows: dict[str, dict]) -> str:

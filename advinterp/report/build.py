@@ -106,8 +106,9 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
             name = f"{model_dirs.get(model)}/table1.png"
             _copy_image(src, out / name)
             table1_images[model] = name
+    sweep = _read_sweep(run / "sweep.json")
     index = out / "index.html"
-    text = _index_page(run, summary, models, layers, fig10, table1_images)
+    text = _index_page(run, summary, models, layers, fig10, table1_images, sweep)
     _write_text(index, text)
     return index
 
@@ -693,6 +694,81 @@ def _findings_html(summary: dict) -> str:
     return table(headers, rows, id="findings") + note
 
 
+def _read_sweep(path: Path) -> dict | None:
+    """``sweep.json`` of ``reproduce --sweep``, checked; ``None`` when there is none."""
+    if not path.is_file():
+        return None
+    c = _Checks(path)
+    data = read_json(path)
+    data = c.obj(data, "sweep")
+    settings = [
+        c.text(s, f"settings[{i}]") for i, s in enumerate(c.seq(data.get("settings"), "settings"))
+    ]
+    attacks = c.obj(data.get("attacks", {}), "attacks")
+    claims = []
+    for i, row in enumerate(c.seq(data.get("claims"), "claims")):
+        row = c.obj(row, f"claims[{i}]")
+        cells = {}
+        for setting, f in c.obj(row.get("settings"), f"claims[{i}].settings").items():
+            key = f"claims[{i}].settings[{setting}]"
+            f = c.obj(f, key)
+            interval = [c.num(v, f"{key}.interval") for v in c.seq(f.get("interval") or [], key)]
+            cells[setting] = {
+                "verdict": c.text(f.get("verdict"), f"{key}.verdict"),
+                "estimate": c.num(f.get("estimate"), f"{key}.estimate"),
+                "interval": interval,
+                "unit": f.get("unit") or "",
+            }
+        claims.append({"claim": c.text(row.get("claim"), f"claims[{i}].claim"), "cells": cells})
+    return {"settings": settings, "attacks": attacks, "claims": claims}
+
+
+def _sweep_html(sweep: dict | None) -> str:
+    if sweep is None:
+        return (
+            f'<p class="note">{DASH} (not run: <code>advinterp reproduce --sweep --out RUN</code> '
+            "reruns the analysis at other attack strengths and σ)</p>"
+        )
+    verdict_cls = {"holds": "yes", "fails": "no"}
+
+    def number(v) -> str:
+        return DASH if v is None else f"{v:+.3g}" if abs(v) < 1 else f"{v:+.2f}"
+
+    rows = []
+    for row in sweep["claims"]:
+        cells = ""
+        for setting in sweep["settings"]:
+            f = row["cells"].get(setting)
+            if f is None:
+                cells += td(DASH)
+                continue
+            interval = (
+                f" [{number(f['interval'][0])}, {number(f['interval'][1])}]"
+                if len(f["interval"]) == 2
+                else ""
+            )
+            text = f"{f['verdict']}: {number(f['estimate'])}{interval}"
+            cells += td(esc(text), cls=verdict_cls.get(f["verdict"]))
+        rows.append(f"<tr>{td(esc(row['claim']))}{cells}</tr>")
+    notes = []
+    for setting in sweep["settings"]:
+        rates = ", ".join(
+            f"{name} {100 * a['success_rate']:.0f}%"
+            for name, a in sweep["attacks"].get(setting, {}).items()
+            if isinstance(a, dict) and isinstance(a.get("success_rate"), (int, float))
+        )
+        notes.append(
+            f"<li>{esc(setting)}: opt success on the test images {esc(rates or DASH)}</li>"
+        )
+    return (
+        table(["claim", *sweep["settings"]], rows, id="sweep")
+        + '\n<p class="note">Each cell: the verdict at that setting, the estimate and its 95% '
+        "interval. The analysis is rerun on the same trained models.</p>\n<ul>"
+        + "".join(notes)
+        + "</ul>"
+    )
+
+
 def _timings_html(summary: dict) -> str:
     timings = summary["timings"]
     if not timings:
@@ -730,6 +806,7 @@ def _index_page(
     layers: dict[str, list[_Layer]],
     fig10: str | None,
     table1_images: dict[str, str],
+    sweep: dict | None = None,
 ) -> str:
     figures = "".join(
         f'<figure><img src="{href(*name.split("/"))}" alt="Table 1 of {esc(model)}">'
@@ -744,7 +821,7 @@ def _index_page(
     body = f"""<h1>advinterp report</h1>
 <p class="note">Run directory {esc(run.resolve().name)}; models {esc(", ".join(models) or DASH)}.</p>
 <nav><a href="#sec-table1">Table 1</a> <a href="#sec-table2">Table 2</a> <a href="#sec-fig10">Fig. 10</a>
-<a href="#sec-findings">Findings</a> <a href="#sec-timings">Timings</a> <a href="#sec-layers">Layers</a></nav>
+<a href="#sec-findings">Findings</a> <a href="#sec-sweep">Sensitivity</a> <a href="#sec-timings">Timings</a> <a href="#sec-layers">Layers</a></nav>
 <h2 id="sec-table1">Table 1: interpretable units (Network Dissection)</h2>
 <p class="note">% of a layer's units whose best concept falls in each category, on real and on
 adversarial images{paper_note}. A <code>-random</code> row is the same network untrained (random
@@ -757,6 +834,8 @@ weights, seed 0) on the same probe and layers: the floor the shares are read aga
 {_attacks_html(summary)}
 <h2 id="sec-findings">Findings</h2>
 {_findings_html(summary)}
+<h2 id="sec-sweep">Sensitivity: the verdicts at other attack strengths and σ</h2>
+{_sweep_html(sweep)}
 <h2 id="sec-timings">Timings</h2>
 {_timings_html(summary)}
 <h2 id="sec-layers">Layers</h2>

@@ -33,9 +33,11 @@ class TopK:
     ``add(values, indices)`` takes an ``N×U`` batch (row ``i`` is image
     ``indices[i]``); ``result()`` gives ``U×k`` values sorted descending and the
     matching image indices. Until ``k`` images have been seen the tail holds
-    ``-inf`` with index ``-1``. Ties are kept in the order ``torch.topk`` returns
-    (deterministic for the same input on the same device). Stored as float32 on
-    the device of the first batch.
+    ``-inf`` with index ``-1``. Equal values are ranked by image index, smaller
+    first, so the store depends only on the images seen: not on their order, on
+    how they were cut into batches, or on how shards were merged (a pass split
+    over ``torchrun`` ranks gives the one-process store bit for bit). Stored as
+    float32 on the device of the first batch; indices must lie below 2³².
 
     Example::
 
@@ -76,9 +78,9 @@ class TopK:
         self.count += values.shape[0]
 
     def _keep(self, values: torch.Tensor, indices: torch.Tensor) -> None:
-        top = values.topk(self.k, dim=1, sorted=True)
-        self.values = top.values
-        self.indices = indices.gather(1, top.indices)
+        top = _rank_keys(values, indices).topk(self.k, dim=1, sorted=True).indices
+        self.values = values.gather(1, top)
+        self.indices = indices.gather(1, top)
 
     def merge(self, other: TopK) -> None:
         """Fold in another store over other images (a shard): same result as one pass over both."""
@@ -134,11 +136,20 @@ class TopK:
         return top
 
 
+def _rank_keys(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """One int64 per entry whose order is (value, then smaller index first): the float32's
+    bits made order-preserving in the high half, the index's complement in the low half.
+    ``torch.topk`` on the values alone breaks ties however its algorithm happens to."""
+    bits = values.view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negatives: flip the magnitude
+    return (ordered << 32) | (~indices & 0xFFFFFFFF)
+
+
 def top_responses(
     model,
     batches: Iterable,
     k: int,
-    layers: str | Sequence[str] = "conv",
+    layers: str | Sequence[str] = "units",
     reduce: str = "max",
     progress: bool = False,
     total: int | None = None,

@@ -1,9 +1,20 @@
+import pytest
 import torch
 
 from advinterp.attacks.fgsm import FGSM
 from advinterp.data import open_dataset
 from advinterp.metrics.accuracy import accuracy, format_table2, table2
 from advinterp.models import load_model
+
+from ..conftest import one_thread as single_thread
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against other
+    processes (a Table 2 pass over 120 images took 20 s instead of 0.3 s)."""
+    with single_thread():
+        yield
 
 
 def _brute_topk(logits, y, k):
@@ -36,3 +47,33 @@ def test_table2_matches_a_brute_force_fgsm(small_run):
     assert row["n"] == 300
     text = format_table2({"resnet": row})
     assert "FGSM ε=16 top-1" in text and f"{row['clean_top1']:.2f}" in text
+
+
+class Killed(Exception):
+    pass
+
+
+def test_table2_resumes_after_a_kill(small_run, tmp_path):
+    model = load_model(str(small_run / "model.safetensors"))
+    data = open_dataset("fashion-mnist", "test", limit=120)
+    partial = tmp_path / "table2.partial"
+    options = dict(eps=[4 / 255], batch_size=20, chunk=40)  # 3 chunks of 2 batches
+    whole = table2(model, data, **options)
+    forwards = 0
+
+    def count(module, inputs):
+        nonlocal forwards
+        forwards += 1
+        if forwards == 14:  # 3 a batch (clean, gradient, FGSM): in the fifth batch
+            raise Killed
+
+    handle = model.net.register_forward_pre_hook(count)
+    try:
+        with pytest.raises(Killed):
+            table2(model, data, partial=partial, **options)
+        forwards = -1000  # no kill this time
+        resumed = table2(model, data, partial=partial, **options)
+    finally:
+        handle.remove()
+    assert forwards == -1000 + 3 * 2  # the last chunk only
+    assert resumed == whole

@@ -96,3 +96,36 @@ def test_k_for_fraction():
     assert k_for_fraction(150) == 2 and k_for_fraction(10) == 1
     with pytest.raises(UserError):
         k_for_fraction(100, 0)
+
+
+def _reference_with_ties(values: torch.Tensor, indices: torch.Tensor, k: int):
+    """Every unit's column sorted by value, equal values by image index, smaller first."""
+    by_index = indices.argsort()
+    v, i = values[by_index].t(), indices[by_index]
+    order = v.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return v.gather(1, order), i[order]
+
+
+def test_ties_go_to_the_smaller_index_whatever_the_order_batches_and_shards():
+    # Responses of few distinct values (as a ReLU's zeros or duplicated images give): most
+    # of every top-k is ties, and the boundary of each falls inside a run of equal values.
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 4, (500, 12), generator=gen).float()
+    values[:, 0] = 0.0  # a dead unit: every image ties
+    indices = torch.randperm(500, generator=gen)
+    want_v, want_i = _reference_with_ties(values, indices, 30)
+    shuffled = torch.randperm(500, generator=gen)
+    runs = [
+        _stream(values, indices, 30, [500]),
+        _stream(values, indices, 30, [1, 29, 170, 300]),
+        _stream(values[shuffled], indices[shuffled], 30, [64] * 7 + [52]),
+    ]
+    rank0 = _stream(values[1::3], indices[1::3], 30, [40] * 4 + [7])
+    rank1 = _stream(values[::3], indices[::3], 30, [167])
+    rank2 = _stream(values[2::3], indices[2::3], 30, [100, 66])
+    rank2.merge(rank0)
+    rank2.merge(rank1)
+    for top in [*runs, rank2]:
+        assert torch.equal(top.result()[0], want_v)
+        assert torch.equal(top.result()[1], want_i)
+    assert want_i[0].tolist() == sorted(indices.tolist())[:30]

@@ -1,0 +1,101 @@
+"""The analysis verbs on two ``torchrun`` processes (gloo) against one: the same files.
+
+Top-k stores and counts are exact statistics, so the tables match byte for byte;
+and a pass killed on one process is resumed on two.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from advinterp.analysis import model_semantics
+from advinterp.cli import main
+from advinterp.io import read_state_dict
+from advinterp.metrics.wordnet import similarity_matrix
+
+ROOT = Path(__file__).resolve().parents[2]
+SEMANTICS = ["--layers", "conv1", "layer2.0.conv2", "--batch-size", "32", "--chunk", "64"]
+TOPK = ["--layer", "layer2.0.conv2", "--count", "3", "--patch", "7", "--stride", "7"]
+TOPK += ["--batch-size", "32", "--chunk", "64"]
+EVALUATE = ["--limit", "120", "--eps", "4", "8", "--batch-size", "20", "--chunk", "40"]
+
+
+class Killed(Exception):
+    pass
+
+
+def _verbs(ckpt: str, adv: str, out: Path) -> list[list[str]]:
+    pair = ["--model", ckpt, "--adversarial", adv]
+    return [
+        ["semantics", *pair, *SEMANTICS, "--out", str(out / "semantics")],
+        ["topk", *pair, *TOPK, "--out", str(out / "topk")],
+        ["evaluate", "--model", ckpt, *EVALUATE, "--out", str(out / "evaluate")],
+    ]
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert not any(n.endswith(".partial") for n in names)
+    for name in names:
+        if name.endswith(".png"):  # drawn from the numbers compared here
+            continue
+        if name.endswith(".safetensors"):
+            x, y = read_state_dict(a / name), read_state_dict(b / name)
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_verbs_under_torchrun_write_the_one_process_files(
+    model, pairs, small_run, adv_dir, tmp_path
+):
+    ckpt = str(small_run / "model.safetensors")
+    for argv in _verbs(ckpt, str(adv_dir), tmp_path / "one"):
+        assert main(argv) == 0
+    # A semantics pass killed on one process after two of its five chunks ...
+    forwards = 0
+
+    def kill(module, inputs):
+        nonlocal forwards
+        forwards += 1
+        if forwards == 1 + 2 * (2 + 2) + 1:  # the unit count, two chunks of 2 + 2 batches
+            raise Killed
+
+    handle = model.net.register_forward_pre_hook(kill)
+    try:
+        with pytest.raises(Killed):
+            model_semantics(
+                model,
+                pairs,
+                similarity_matrix(model.wnids),
+                layers=["conv1", "layer2.0.conv2"],
+                batch_size=32,
+                chunk=64,
+                partial=tmp_path / "two" / "semantics" / "semantics.0.partial",
+            )
+    finally:
+        handle.remove()
+    # ... is resumed on two processes, which also run topk and evaluate.
+    argvs = _verbs(ckpt, str(adv_dir), tmp_path / "two")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + ["-m", "tests.analysis.run_verbs", json.dumps(argvs)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming after 128 of 300 images" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.count("written to") == 3, proc.stdout  # process 0 speaks alone
+    for verb in ("semantics", "topk", "evaluate"):
+        _same_files(tmp_path / "one" / verb, tmp_path / "two" / verb)
+    gallery = json.loads((tmp_path / "two" / "topk" / "gallery.json").read_text())
+    assert len(gallery["units"]) == 3 and gallery["saliency_patch"] == 7

@@ -1,0 +1,192 @@
+"""Data-parallel standard training (DDP on gloo, two processes) against one process.
+
+In float64, two processes of our own (``torch.multiprocessing`` on gloo) run the
+epoch loop of ``train`` (:func:`run_epoch` with :func:`cross_entropy_step`) on
+
+- Fashion-MNIST-shaped images in memory, whose last batch splits unevenly over
+  the processes (augmented a global batch at a time, rows kept);
+- an image folder in ImageNet's layout with one undecodable file, each process
+  decoding only its rows, augmented per image (RandomResizedCrop, flips) from
+  the image's own seed, for two epochs;
+
+and one process runs the same, decoding the folder in a DataLoader worker. The summation order is all that
+differs, so in float64 the runs agree to ~1e-12 (tolerance 1e-9); batch norm
+over each process's rows alone (what DDP gives without ``GlobalBatchNorm``)
+misses by far more, so the test can fail.
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from advinterp.data import FASHION_CLASSES, ImageFolderSet, TensorImageSet
+from advinterp.distributed import World, global_batch_norm, joined
+from advinterp.errors import UserError
+from advinterp.models import create_model
+from advinterp.train import (
+    TrainConfig,
+    cross_entropy_step,
+    on_device,
+    run_epoch,
+    sgd,
+    sync_batch_norm,
+)
+
+N_IMAGES, BATCH = 45, 16  # batches of 16, 16 and 13 (7 + 6 rows: an uneven split)
+WNIDS = ["n01440764", "n02123045", "n02124075"]
+FOLDER_BATCH = 8  # 22 files: batches of 8, 8 and 6, the corrupt file among them
+
+
+def _synthetic_set() -> TensorImageSet:
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (N_IMAGES, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (N_IMAGES,), generator=gen)
+    names, wnids = zip(*FASHION_CLASSES, strict=True)
+    return TensorImageSet(images, labels, list(names), list(wnids))
+
+
+def _write_folder(root: Path) -> None:
+    """Seven smooth colour images of varied sizes per class, and one file that is no image."""
+    rng = np.random.default_rng(0)
+    for c, wnid in enumerate(WNIDS):
+        (root / wnid).mkdir(parents=True)
+        for i in range(7):
+            h, w = 36 + 4 * i, 64 - 3 * i
+            ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(60, 200, 3)
+            noise = rng.normal(0, 20, (h, w, 3))
+            pixels = np.clip(40 * c + ramp + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / wnid / f"{i}.png")
+    (root / WNIDS[1] / "3b.jpg").write_bytes(b"not a jpeg")
+
+
+def _folder_model():
+    torch.manual_seed(0)
+    model = create_model("resnet", num_classes=3, in_chans=3)
+    model.classes, model.wnids = list(WNIDS), list(WNIDS)
+    return model
+
+
+def _train_float64(world: World, data, model, batch: int, epochs: int, workers: int, sync_bn=True):
+    """``epochs`` epochs of ``train``'s step in float64, as ``train`` runs them."""
+    model = model.double()
+    if world.size > 1 and sync_bn:
+        global_batch_norm(model, world.bn_group)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=0.05)
+    opt = sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    step = cross_entropy_step(world.wrap(model), cfg.label_smoothing)  # train's own
+
+    def step64(x, y, gen, rows):
+        return step(x.double(), y, gen, rows)
+
+    history = []
+    for epoch in range(epochs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the undecodable file, counted below
+            loss, top1, _ = run_epoch(
+                model, opt, data, cfg, epoch, step64, "", False, world, workers=workers
+            )
+        history.append((loss, top1))
+    return {"state": model.net.state_dict(), "history": history}
+
+
+def _runs(world: World, folder: Path, workers: int, local_bn: bool) -> dict:
+    torch.manual_seed(0)
+    runs = {"memory": _train_float64(world, _synthetic_set(), create_model("resnet"), BATCH, 1, 0)}
+    images = ImageFolderSet(folder, WNIDS, input_size=28)
+    runs["folder"] = _train_float64(world, images, _folder_model(), FOLDER_BATCH, 2, workers)
+    if local_bn:
+        torch.manual_seed(0)
+        runs["local"] = _train_float64(
+            world, _synthetic_set(), create_model("resnet"), BATCH, 1, 0, sync_bn=False
+        )
+    return runs
+
+
+def _worker(rank: int, world_size: int, init_file: str, folder: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        with joined() as world:  # the group set up above: used, left open
+            # Decoding in-process here (a DataLoader worker of a process started by
+            # multiprocessing's spawn is spawned too, seconds per epoch); the one-process
+            # run decodes in a worker, so the crops must not depend on where they are made.
+            runs = _runs(world, Path(folder), workers=0, local_bn=True)
+        torch.save(runs, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _relative_change(a: dict, b: dict, init: dict, keys) -> float:
+    """‖a − b‖ / ‖b − init‖ over the tensors ``keys``: error against the training's own change."""
+
+    def flat(d):
+        return torch.cat([d[k].double().flatten() for k in keys])
+
+    return float((flat(a) - flat(b)).norm() / (flat(b) - flat(init)).norm())
+
+
+def test_two_processes_train_like_one(tmp_path):
+    folder = tmp_path / "train"
+    _write_folder(folder)
+    assert len(ImageFolderSet(folder, WNIDS)) == 22
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mp.spawn(
+            _worker,
+            args=(2, str(tmp_path / "rendezvous"), str(folder), str(tmp_path)),
+            nprocs=2,
+            join=True,
+        )
+        one = _runs(World(), folder, workers=1, local_bn=False)
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    inits = {
+        "memory": create_model("resnet").double().net.state_dict(),
+        "folder": _folder_model().double().net.state_dict(),
+    }
+    for name, init in inits.items():
+        params = [k for k in init if "running" not in k and "num_batches" not in k]
+        stats = [k for k in init if "running" in k]
+        for k in init:  # the processes hold one model
+            assert torch.equal(ranks[0][name]["state"][k], ranks[1][name]["state"][k]), (name, k)
+        ddp = ranks[0][name]
+        assert _relative_change(ddp["state"], one[name]["state"], init, params) < 1e-9, name
+        assert _relative_change(ddp["state"], one[name]["state"], init, stats) < 1e-9, name
+        for (loss_ddp, top1_ddp), (loss_one, top1_one) in zip(
+            ddp["history"], one[name]["history"], strict=True
+        ):
+            assert loss_ddp == pytest.approx(loss_one, rel=1e-9) and top1_ddp == top1_one
+    # The test can fail: batch norm over each process's rows only is another training.
+    init = inits["memory"]
+    params = [k for k in init if "running" not in k and "num_batches" not in k]
+    assert _relative_change(ranks[0]["local"]["state"], one["memory"]["state"], init, params) > 1e-3
+
+
+def test_what_several_processes_cannot_do_is_one_line():
+    from timm.layers import BatchNormAct2d
+
+    two = World(rank=0, size=2)
+    fused = create_model("resnet")
+    fused.net.bn1 = BatchNormAct2d(16)  # timm's batch norm holding its ReLU
+    with pytest.raises(UserError, match="layer bn1 \\(BatchNormAct2d\\) fuses batch norm"):
+        sync_batch_norm(fused, two)
+    sync_batch_norm(fused, World())  # one process: nothing to synchronise
+    on_gpu = World(rank=1, size=2, local_rank=1, device=torch.device("cuda", 1))  # NCCL's
+    with pytest.raises(
+        UserError, match="--device cpu: under torchrun this process trains on cuda:1"
+    ):
+        on_device(on_gpu, "cpu")
+    assert on_device(on_gpu, "auto") is on_gpu and on_device(on_gpu, None) is on_gpu
+    assert on_device(two, "cpu") is two
+    assert on_device(World(), None) == World()
