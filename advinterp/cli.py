@@ -535,15 +535,15 @@ def cmd_attack(args) -> int:
 
 
 def cmd_layers(args) -> int:
-    from advinterp.models import SMALL_ARCHS, create_model, layer_shapes, load_model
-
-    is_name = (
-        not any(
-            Path(c).is_file()
-            for c in (args.model, args.model + ".json", f"{args.model}/model.json")
-        )
-        and not Path(args.model).suffix
+    from advinterp.models import (
+        SMALL_ARCHS,
+        checkpoint_config,
+        create_model,
+        layer_shapes,
+        load_model,
     )
+
+    is_name = checkpoint_config(args.model) is None and not Path(args.model).suffix
     if is_name and args.model in SMALL_ARCHS and args.weights is None:
         model = create_model(args.model)
     elif is_name:
@@ -684,8 +684,81 @@ def _analysis_parsers(sub) -> None:
     )
     p.add_argument(
         "--archs",
-        default="resnet",
         help="comma-separated architectures (default resnet; alexnet,vgg16,resnet18 allowed)",
+    )
+    given = p.add_mutually_exclusive_group()
+    given.add_argument(
+        "--model",
+        help="analyse this model instead of training one: a checkpoint (advinterp train/"
+        "advtrain's model.safetensors) or an ImageNet model name (efficientnet_lite0, or "
+        "resnet18 ... with --weights); no training, every analysis stage",
+    )
+    given.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="compare given models (checkpoints, or names loadable without --weights such as "
+        "efficientnet_lite0), one row and one Fig. 10 curve each; the findings judge them in "
+        "this order as the normal model, -Adv (consistency loss) and -AT",
+    )
+    p.add_argument("--weights", help="weights of a --model given by name (.pth/.safetensors)")
+    p.add_argument(
+        "--data",
+        help="test images of given models: imagefolder:PATH (PATH/<wnid>/*.JPEG) or "
+        "fashion-mnist (default)",
+    )
+    p.add_argument(
+        "--probe",
+        help="Broden-format probe folder (broden1_224, ...) for Table 1 of given models "
+        "(default fashion-broden, the embedded probe; needed with --data imagefolder:)",
+    )
+    p.add_argument(
+        "--train-data",
+        help="with --model: fine-tune its -Adv and -AT on these images (imagefolder:PATH or "
+        "fashion-mnist) with advtrain, then analyse all three",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        help="test images of Table 2; also caps the images of the attacks (strength search, "
+        "opt sets, PGD, AutoAttack)",
+    )
+    p.add_argument(
+        "--probe-size",
+        type=_positive_int,
+        help="probe images of Table 1 (default 3000; 300 --quick)",
+    )
+    p.add_argument(
+        "--attack-images",
+        type=_positive_int,
+        help="test images of the opt sets behind Fig. 10 and the galleries (default 4000)",
+    )
+    p.add_argument(
+        "--steps", type=_positive_int, help="Adam steps of the opt attack (default 20, the paper's)"
+    )
+    p.add_argument(
+        "--adv-limit",
+        type=_positive_int,
+        help="training images of each fine-tuning (--train-data; default 30000)",
+    )
+    p.add_argument(
+        "--draws",
+        type=_positive_int,
+        help="bootstrap resamples behind each finding's 95%% interval (default 2000)",
+    )
+    p.add_argument(
+        "--dissect-layers",
+        nargs="+",
+        metavar="LAYER",
+        help='layers of Table 1 (default "units": every unit where the network uses it; '
+        "`advinterp layers MODEL --units` lists them)",
+    )
+    p.add_argument(
+        "--saliency",
+        choices=("discrepancy", "activation"),
+        default="discrepancy",
+        help="galleries' heat maps: discrepancy (Zhou et al. 2015, default) or activation "
+        "(the unit's map, far cheaper at 224²)",
     )
     p.add_argument(
         "--quick", action="store_true", help="fewer images and epochs, same stages (≈3 min)"
@@ -1060,6 +1133,8 @@ def cmd_dissect(args) -> int:
 def cmd_reproduce(args) -> int:
     from advinterp.attacks.base import check_positive
     from advinterp.reproduce import (
+        DEFAULT,
+        QUICK,
         ReproduceConfig,
         format_summary,
         format_sweep,
@@ -1067,11 +1142,52 @@ def cmd_reproduce(args) -> int:
         sweep,
     )
 
-    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
+    models = [args.model] if args.model else args.models or []
+    if models and args.archs is not None:
+        raise UserError(
+            "--archs trains models of its own: drop it with --model/--models (given models)"
+        )
+    for flag, value in (
+        ("--weights", args.weights),
+        ("--data", args.data),
+        ("--probe", args.probe),
+        ("--train-data", args.train_data),
+    ):
+        if value is not None and not models:
+            raise UserError(f"{flag} goes with --model or --models (models you already have)")
+    if args.weights is not None and not args.model:
+        raise UserError("--weights goes with --model NAME; --models takes checkpoints or names")
+    if args.train_data is not None and not args.model:
+        raise UserError("--train-data fine-tunes one given model: use it with --model")
+    if models and args.sweep:
+        raise UserError(
+            "--sweep runs on the models reproduce trains: drop it with --model/--models"
+        )
+    archs = tuple(a.strip() for a in (args.archs or "resnet").split(",") if a.strip())
     if not archs:
         raise UserError("--archs is empty: name at least one architecture, e.g. resnet")
     if args.lam is not None:
         check_positive("--lam", args.lam)
+    sizes = {}
+    profile = QUICK if args.quick else DEFAULT
+    if args.limit is not None:
+        sizes = {
+            k: min(profile[k], args.limit)
+            for k in ("attack_images", "lam_images", "pgd_images", "autoattack_images")
+        }
+        sizes["eval_limit"] = args.limit
+    if args.attack_images is not None:
+        sizes["attack_images"] = args.attack_images
+        lam_images = sizes.get("lam_images", profile["lam_images"])
+        sizes["lam_images"] = min(lam_images, args.attack_images)
+    if args.probe_size is not None:
+        sizes["probe_images"] = args.probe_size
+    if args.adv_limit is not None:
+        sizes["adv_limit"] = args.adv_limit
+    if args.draws is not None:
+        sizes["draws"] = args.draws
+    if args.dissect_layers:
+        sizes["dissect_layers"] = tuple(args.dissect_layers)
     cfg = ReproduceConfig(
         archs=archs,
         quick=args.quick,
@@ -1080,6 +1196,14 @@ def cmd_reproduce(args) -> int:
         lam=args.lam,
         sigma=check_positive("--sigma", args.sigma),
         data_root=args.data_root,
+        saliency=args.saliency,
+        models=tuple(models),
+        weights=args.weights,
+        data=args.data,
+        probe=args.probe,
+        train_data=args.train_data,
+        opt_steps=args.steps,
+        **sizes,
     )
     try:
         summary = reproduce(cfg, args.out)

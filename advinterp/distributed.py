@@ -244,7 +244,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     row of a ``processes × (2C + 1)`` table, zeros elsewhere; one differentiable
     all-reduce gathers the table, and Chan et al.'s pairwise update combines the
     rows (as stable as one pass over the whole batch). Outside training, or alone,
-    it is ordinary batch norm; the state-dict keys are batch norm's.
+    it is ordinary batch norm; the state-dict keys are batch norm's. Modules the
+    replaced batch norm held (timm's ``BatchNormAct2d`` holds its dropout and
+    activation) are kept and applied after the normalisation, in their order.
     """
 
     def __init__(self, *args, group=None, **kwargs):
@@ -258,7 +260,14 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         if not self.training or self.group is None or dist.get_world_size(self.group) == 1:
-            return super().forward(x)
+            out = super().forward(x)
+        else:
+            out = self._global(x)
+        for after in self.children():  # e.g. the dropout and activation of BatchNormAct2d
+            out = after(out)
+        return out
+
+    def _global(self, x: torch.Tensor) -> torch.Tensor:
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         c, dims = x.shape[1], [0, *range(2, x.dim())]
         shape = (1, c) + (1,) * (x.dim() - 2)
@@ -308,6 +317,8 @@ def global_batch_norm(module: nn.Module, group) -> nn.Module:
         if module.track_running_stats:
             new.running_mean, new.running_var = module.running_mean, module.running_var
             new.num_batches_tracked = module.num_batches_tracked
+        for name, child in module.named_children():
+            new.add_module(name, child)
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -28,6 +28,14 @@ checkpoints it reads) are unchanged:
 ``--sweep`` (:func:`sweep`) then reruns stages 5–8 on the same models at other
 attack strengths and σ, and reports each claim's verdict per setting.
 
+Given models (``--model SPEC [--weights W]`` or ``--models A B C``, :func:`_reproduce_given`)
+skip stages 1–2: the same analysis runs on them, over ``--data imagefolder:PATH`` (or
+Fashion-MNIST) and a Broden-format ``--probe`` folder (or fashion-broden), with the first
+given model's random-weights twin as Table 1's floor. In ``--models`` order they play the
+normal model, ``-Adv`` and ``-AT`` in the findings; only the claims whose models are there
+are judged, and ``summary.json``'s ``roles`` says who played what. ``--train-data`` with
+``--model`` fine-tunes its ``-Adv`` and ``-AT`` there first (stage 2 from the given model).
+
 A killed run started again with the same command resumes: finished stages are
 skipped, training and attacks continue from their last checkpoint or shard.
 Before any stage runs, the architectures, the Fashion-MNIST files and the run
@@ -113,6 +121,22 @@ class ReproduceConfig:
     sigma: float = 1.0
     data_root: str | None = None
     extra: dict = field(default_factory=dict)
+    # Given models (``reproduce --model`` / ``--models``): analysed, not trained here. Each is a
+    # checkpoint path or a model name (``weights`` for a single named model); in order they
+    # play the normal model, ``-Adv`` and ``-AT`` of the findings. ``data``: their test images
+    # (``imagefolder:PATH``, default fashion-mnist); ``probe``: a Broden-format folder
+    # (default fashion-broden); ``train_data``: fine-tune ``-Adv`` and ``-AT`` from the one
+    # given model on these images (advtrain) and analyse all three.
+    models: Sequence[str] = ()
+    weights: str | None = None
+    data: str | None = None
+    probe: str | None = None
+    train_data: str | None = None
+    # The opt attack's Adam steps (default the paper's 20; the search's longer runs follow
+    # ``steps_grid``).
+    opt_steps: int | None = None
+    # Bootstrap resamples behind each interval (default :data:`DRAWS`).
+    draws: int | None = None
 
     def resolved(self) -> ReproduceConfig:
         profile = QUICK if self.quick else DEFAULT
@@ -121,11 +145,16 @@ class ReproduceConfig:
             if values.get(key) is None:
                 values[key] = value
         values["archs"] = tuple(self.archs)
+        values["models"] = tuple(self.models)
         values["eps"] = tuple(self.eps)
         values["dissect_layers"] = tuple(self.dissect_layers)
         values["lam_grid"] = tuple(self.lam_grid)
         values["steps_grid"] = tuple(self.steps_grid)
         return ReproduceConfig(**values)
+
+
+#: Settings of given models only: left out of a default run's summary when unset.
+GIVEN_SETTINGS = ("models", "weights", "data", "probe", "train_data", "opt_steps", "draws")
 
 
 # Budgets on 2 CPU cores: the default run ≤ 15 minutes, --quick ≤ 3 minutes.
@@ -187,9 +216,9 @@ def stage_costs(cfg: ReproduceConfig) -> dict[str, float]:
     # The pairs' forward passes, and the occlusion maps of each model's 8 gallery units.
     costs["semantics"] = len(names) * (2 * cfg.attack_images * 0.4 + 20000.0)
     for name in names:
-        costs[f"dissect {name}"] = 30 * cfg.probe_images  # the attack, two passes, PNGs
+        costs[f"dissect {name}"] = 30 * cfg.probe_images  # the attack, one pass a side, PNGs
     for arch in cfg.archs:
-        costs[f"dissect {random_name(arch)}"] = 3 * cfg.probe_images  # two passes, real only
+        costs[f"dissect {random_name(arch)}"] = 3 * cfg.probe_images  # one pass, real only
     return costs
 
 
@@ -256,6 +285,8 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
     from advinterp.models import SMALL_ARCHS
 
     cfg = cfg.resolved()
+    if cfg.models:
+        return _reproduce_given(cfg, out, progress)
     # The same architecture twice would train and analyse the same models twice.
     cfg.archs = tuple(dict.fromkeys(cfg.archs))
     if not cfg.archs:
@@ -276,6 +307,252 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
             _advtrain_stage(stages, run, arch, name, beta, cfg, data)
     fingerprints = {n: _fingerprint(run / n / "model.safetensors") for n in names}
 
+    _evaluation(stages, run, names, cfg, fingerprints, data)
+    _analysis(stages, run, names, cfg, fingerprints, data, progress)
+    for arch in cfg.archs:
+        floor = random_name(arch)
+        key = {"arch": arch, "n": cfg.probe_images, "layers": cfg.dissect_layers, **data}
+        if cfg.draws is not None:
+            key["draws"] = cfg.draws
+        stages(
+            f"dissect {floor}",
+            key,
+            [run / "dissect" / floor / "table1.json", run / "dissect" / floor / "bootstrap.json"],
+            lambda a=arch: _dissect_random(run, a, cfg, progress),
+        )
+    summary = _summary(run, names, cfg, stages.timings)
+    write_json(run / "summary.json", summary)
+    from advinterp.report import write_report
+
+    write_report(run)
+    return summary
+
+
+#: What each position of ``--models`` is judged as in the findings.
+ROLES = {
+    "normal": "judged as the normally trained model (the paper's <arch>)",
+    "adv": "judged as the adversarially fine-tuned model, consistency loss "
+    "(the paper's <arch>-Adv)",
+    "at": "judged as the plainly adversarially trained model (the paper's <arch>-AT)",
+    "other": "compared in the tables and Fig. 10; no finding judges it",
+}
+
+
+def _is_checkpoint(spec: str) -> bool:
+    path = Path(spec)
+    return (
+        path.exists()
+        or Path(spec + ".json").exists()
+        or path.suffix in (".safetensors", ".json")
+        or "/" in spec
+    )
+
+
+def _given_name(spec: str) -> str:
+    """A model's name in the run: a checkpoint's folder (``runs/r18/model.safetensors`` →
+    ``r18``) or file stem, else the model name itself."""
+    import re
+
+    if _is_checkpoint(spec):
+        path = Path(spec).resolve()
+        if path.is_dir() or path.stem == "model":
+            name = path.name if path.is_dir() else path.parent.name
+        else:
+            name = path.stem
+    else:
+        name = spec
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "model"
+
+
+def _check_given(cfg) -> dict[str, dict]:
+    """Every given model, its data and probe checked before any stage runs; returns name →
+    ``{"spec", "weights", "role", "description"}`` in ``cfg.models`` order (the fine-tuned
+    ``-Adv`` and ``-AT`` added with ``train_data``). Sets ``cfg.data`` to fashion-mnist
+    when unset."""
+    from advinterp.data import open_dataset
+    from advinterp.models import load_model
+
+    specs = list(cfg.models)
+    if cfg.weights is not None and len(specs) != 1:
+        raise UserError("--weights goes with one --model; --models takes checkpoints or names")
+    if cfg.train_data is not None and len(specs) != 1:
+        raise UserError("--train-data fine-tunes one given model: use it with --model")
+    for spec in specs:
+        if specs.count(spec) > 1:
+            raise UserError(f"--models lists {spec} twice")
+    if cfg.data is None:
+        cfg.data = "fashion-mnist"
+    if cfg.data != "fashion-mnist" and not cfg.data.startswith("imagefolder:"):
+        raise UserError(
+            f"--data {cfg.data}: give imagefolder:PATH (test images in PATH/<wnid>/) or "
+            "fashion-mnist"
+        )
+    given: dict[str, dict] = {}
+    roles = ["normal", "adv", "at"]
+    for i, spec in enumerate(specs):
+        model = load_model(spec, cfg.weights)
+        name = _given_name(spec)
+        while name in given:  # two checkpoints in folders of the same name
+            name += "+"
+        role = roles[i] if i < len(roles) else "other"
+        given[name] = {"spec": spec, "weights": cfg.weights, "role": role}
+        data = open_dataset(cfg.data, "test", cfg.data_root, limit=1, model=model)
+        if len(data) == 0:
+            raise UserError(f"--data {cfg.data} holds no images")
+        if cfg.probe is None and cfg.data != "fashion-mnist":
+            raise UserError(
+                "give --probe: a Broden-format folder (broden1_224, ...) for Table 1 on "
+                f"{cfg.data}'s models"
+            )
+        if cfg.probe is not None or i == 0:
+            _probe(cfg, model)  # the embedded probe is written to the cache once
+        if cfg.train_data is not None:
+            open_dataset(cfg.train_data, "train", cfg.data_root, limit=1, model=model)
+    if cfg.train_data is not None:
+        (normal,) = given
+        for role, suffix in (("adv", "-Adv"), ("at", "-AT")):
+            given[normal + suffix] = {"spec": None, "weights": None, "role": role}
+    for entry in given.values():
+        entry["description"] = ROLES[entry["role"]]
+    return given
+
+
+def _given_costs(cfg, names, tuned, floor: str) -> dict[str, float]:
+    """:func:`stage_costs` for given models: the same weights, no training of the normal
+    model, one random-weights floor."""
+    eval_images = cfg.eval_limit or 10000
+    costs = {f"advtrain {n}": 2.8 * cfg.adv_epochs * (cfg.adv_limit or 60000) for n in tuned}
+    costs["table2"] = 0.75 * len(names) * eval_images * (0.4 + len(cfg.eps))
+    costs["robustness"] = len(names) * (0.75 * eval_images * 1.4 + 21 * cfg.pgd_images)
+    costs["autoattack"] = len(names) * (15000 + 600 * cfg.autoattack_images)
+    for name in names:
+        costs[f"strength {name}"] = 17.5 * cfg.lam_images * (1 if cfg.lam else 4)
+    for name in names:
+        costs[f"attack {name}"] = 17.5 * cfg.attack_images * 2
+    costs["semantics"] = len(names) * (2 * cfg.attack_images * 0.4 + 20000.0)
+    for name in names:
+        costs[f"dissect {name}"] = 30 * cfg.probe_images
+    costs[f"dissect {floor}"] = 3 * cfg.probe_images
+    return costs
+
+
+def _state_fingerprint(model) -> str:
+    """A digest of a model's parameters and buffers (its normalisation included)."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}:{value.dtype}:{value.numel()};".encode())
+        h.update(value.view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(getattr(model, "wnids", None)).encode())
+    return h.hexdigest()[:16]
+
+
+def _random_twin(run: Path, name: str, cfg):
+    """``name``'s network with random weights (the caller seeds): a compact Fashion-MNIST
+    architecture built afresh, as for the default run's floor; any other network with
+    every layer's parameters and statistics reset (PyTorch's default initialisation)."""
+    import copy
+
+    from advinterp.models import SMALL_ARCHS, create_model
+
+    model = _load(run, name, cfg)
+    config = getattr(model, "config", None) or {}
+    arch = config.get("arch")
+    if arch in SMALL_ARCHS and model.input_size == 28 and "num_classes" in config:
+        twin = create_model(arch, model.num_classes, model.in_chans)
+    else:
+        twin = copy.deepcopy(model)
+        for module in twin.net.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            if hasattr(module, "reset_running_stats"):
+                module.reset_running_stats()
+    twin.classes, twin.wnids = model.classes, model.wnids
+    return twin
+
+
+def _given_advtrain_stage(stages, run: Path, normal: str, name: str, beta: float, cfg, init_fp):
+    """``name`` fine-tuned from the given model ``normal`` on ``cfg.train_data`` (advtrain,
+    β = ``beta``), into ``RUN/<name>/``."""
+    from advinterp.advtrain import AdvTrainConfig, advtrain
+
+    spec, weights = _spec(run, normal, cfg)
+    ac = AdvTrainConfig(
+        init=spec,
+        weights=weights,
+        epochs=cfg.adv_epochs,
+        beta=beta,
+        limit=cfg.adv_limit,
+        seed=cfg.seed,
+        data=cfg.train_data,
+        data_root=cfg.data_root,
+        eval_limit=min(1000, cfg.eval_limit or 1000),
+        eval_data=cfg.data if cfg.train_data.startswith("imagefolder:") else None,
+    )
+    folder = run / name
+    key = {**asdict(ac), "init": init_fp}
+
+    def go():
+        resume = (folder / "train_state.json").is_file()
+        if resume and read_json(folder / "train_state.json").get("train") != asdict(ac):
+            shutil.rmtree(folder)
+            resume = False
+        advtrain(ac, folder, resume=resume, progress=True)
+
+    stages(f"advtrain {name}", key, [folder / "model.safetensors"], go)
+
+
+def _reproduce_given(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
+    """:func:`reproduce` on given models (``cfg.models``): no training of their own; with
+    ``cfg.train_data`` the one given model's ``-Adv`` and ``-AT`` fine-tuned first. Every
+    analysis stage, keyed by the models' fingerprints, the data and the probe."""
+    from advinterp.io import out_folder
+    from advinterp.report import write_report
+
+    given = _check_given(cfg)
+    run = out_folder(out)
+    names = list(given)
+    normal = names[0]
+    tuned = [n for n, e in given.items() if e["spec"] is None]
+    for name in tuned:
+        given[name]["spec"] = str(run / name / "model.safetensors")
+    cfg.extra = {**cfg.extra, "given": given}
+    floor = random_name(normal)
+    data = {"data": cfg.data, "probe": cfg.probe, "data_root": cfg.data_root, "seed": cfg.seed}
+    stages = _Stages(run, _given_costs(cfg, names, tuned, floor))
+    fingerprints = {normal: _state_fingerprint(_load(run, normal, cfg))}
+    for name in tuned:
+        beta = 1.0 if given[name]["role"] == "adv" else 0.0
+        _given_advtrain_stage(stages, run, normal, name, beta, cfg, fingerprints[normal])
+    for name in names[1:]:
+        fingerprints[name] = _state_fingerprint(_load(run, name, cfg))
+
+    _evaluation(stages, run, names, cfg, fingerprints, data)
+    _analysis(stages, run, names, cfg, fingerprints, data, progress)
+    key = {"model": fingerprints[normal], "twin": "reset", "n": cfg.probe_images}
+    key |= {"draws": cfg.draws or DRAWS}
+    key |= {"layers": cfg.dissect_layers, **data}
+    stages(
+        f"dissect {floor}",
+        key,
+        [run / "dissect" / floor / "table1.json", run / "dissect" / floor / "bootstrap.json"],
+        lambda: _dissect_random(
+            run, normal, cfg, progress, twin=lambda: _random_twin(run, normal, cfg)
+        ),
+    )
+    roles = {
+        n: {"role": e["role"], "description": e["description"], "spec": e["spec"]}
+        | ({"weights": e["weights"]} if e["weights"] else {})
+        for n, e in given.items()
+    }
+    summary = _summary(run, names, cfg, stages.timings, {"roles": roles, "floors": [floor]})
+    write_json(run / "summary.json", summary)
+    write_report(run)
+    return summary
+
+
+def _evaluation(stages, run: Path, names, cfg, fingerprints, data) -> None:
+    """Table 2 and the stronger attacks' robustness (PGD, AutoAttack) of every model."""
     table2_key = {"models": fingerprints, "eps": cfg.eps, "limit": cfg.eval_limit, **data}
     stages("table2", table2_key, [run / "table2.json"], lambda: _table2(run, names, cfg))
     robust_key = {"models": fingerprints, "eps": cfg.eps[0], "limit": cfg.eval_limit, **data}
@@ -294,23 +571,6 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
         lambda: _autoattack(run, names, cfg),
     )
 
-    _analysis(stages, run, names, cfg, fingerprints, data, progress)
-    for arch in cfg.archs:
-        floor = random_name(arch)
-        key = {"arch": arch, "n": cfg.probe_images, "layers": cfg.dissect_layers, **data}
-        stages(
-            f"dissect {floor}",
-            key,
-            [run / "dissect" / floor / "table1.json", run / "dissect" / floor / "bootstrap.json"],
-            lambda a=arch: _dissect_random(run, a, cfg, progress),
-        )
-    summary = _summary(run, names, cfg, stages.timings)
-    write_json(run / "summary.json", summary)
-    from advinterp.report import write_report
-
-    write_report(run)
-    return summary
-
 
 def _analysis(
     stages, run: Path, names, cfg, fingerprints, data, progress: bool, galleries: bool = True
@@ -321,6 +581,8 @@ def _analysis(
         key = {"model": fingerprints[name], "n": cfg.lam_images, "keep": cfg.keep, **data}
         key |= {"lam": cfg.lam, "grid": cfg.lam_grid, "steps": cfg.steps_grid}
         key |= {"target": cfg.success_target}
+        if cfg.opt_steps is not None:
+            key["opt_steps"] = cfg.opt_steps
         stages(
             f"strength {name}",
             key,
@@ -354,6 +616,8 @@ def _analysis(
     for name in names:
         key = {"model": fingerprints[name], "n": cfg.probe_images, "layers": cfg.dissect_layers}
         key |= {"attack": attacks[name], **data}
+        if cfg.draws is not None:
+            key["draws"] = cfg.draws
         stages(
             f"dissect {name}",
             key,
@@ -565,25 +829,61 @@ def _advtrain_stage(stages, run, arch, name, beta, cfg, data) -> None:
     stages(f"advtrain {name}", key, [folder / "model.safetensors"], go)
 
 
-def _load(run: Path, name: str):
+def _spec(run: Path, name: str, cfg) -> tuple[str, str | None]:
+    """The model ``name`` as :func:`advinterp.models.load_model` takes it: (spec, weights)."""
+    given = cfg.extra.get("given", {}).get(name)
+    if given is None:
+        return str(run / name / "model.safetensors"), None
+    return given["spec"], given["weights"]
+
+
+def _load(run: Path, name: str, cfg):
     from advinterp.models import load_model
 
-    return load_model(str(run / name / "model.safetensors"))
+    return load_model(*_spec(run, name, cfg))
 
 
-def _test_set(cfg, limit):
+def _test_set(cfg, limit, model=None):
+    """The test images: Fashion-MNIST's, or the given models' ``cfg.data``, read for ``model``."""
     from advinterp.data import open_dataset
 
-    return open_dataset("fashion-mnist", "test", cfg.data_root, limit=limit)
+    if cfg.data is None:
+        return open_dataset("fashion-mnist", "test", cfg.data_root, limit=limit)
+    return open_dataset(cfg.data, "test", cfg.data_root, limit=limit, model=model)
+
+
+def _tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """A set's images (float, [0, 1]) and labels, all in memory; an image folder is decoded
+    (its undecodable images left out)."""
+    from advinterp.data import TensorImageSet, batches
+
+    if isinstance(data, TensorImageSet):
+        return data.images.float() / 255, data.labels
+    xs, ys = [], []
+    for x, y, _ in batches(data, 64):
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _probe(cfg, model):
+    """The dissection probe: the embedded fashion-broden, or the Broden folder ``cfg.probe``
+    (its first ``probe_images`` images)."""
+    from advinterp.data.broden import open_probe
+
+    if cfg.probe is None:
+        return open_probe("fashion-broden", model, size=cfg.probe_images, seed=cfg.seed)
+    return open_probe(cfg.probe, model, limit=cfg.probe_images)
 
 
 def _table2(run: Path, names, cfg) -> None:
     from advinterp.metrics.accuracy import format_table2, table2
 
-    data = _test_set(cfg, cfg.eval_limit)
     rows = {}
     for name in names:
-        rows[name] = table2(_load(run, name), data, eps=[e / 255 for e in cfg.eps], progress=True)
+        model = _load(run, name, cfg)
+        data = _test_set(cfg, cfg.eval_limit, model)
+        rows[name] = table2(model, data, eps=[e / 255 for e in cfg.eps], progress=True)
     print(format_table2(rows))
     write_json(run / "table2.json", rows)
 
@@ -602,11 +902,11 @@ def _robustness(run: Path, names, cfg) -> None:
     from advinterp.data import batches
     from advinterp.io import save_tensors
 
-    data = _test_set(cfg, cfg.eval_limit)
     eps = cfg.eps[0] / 255
     correct = {}
     for name in names:
-        model = _load(run, name).eval()
+        model = _load(run, name, cfg).eval()
+        data = _test_set(cfg, cfg.eval_limit, model)
         attack = FGSM(model, eps=eps)
         clean, fgsm = [], []
         for x, y, _ in batches(data, 250):
@@ -631,11 +931,10 @@ def _attacked_correct(run: Path, names, cfg, label: str, n: int, attack_for) -> 
     ``attack_for(model)`` (untargeted, true labels) or not: ``{"<model>/<label>": uint8}``."""
     from advinterp.attacks.base import predict_logits
 
-    data = _test_set(cfg, n)
-    x, y = data.images.float() / 255, data.labels
     out = {}
     for name in names:
-        model = _load(run, name).eval()
+        model = _load(run, name, cfg).eval()
+        x, y = _tensors(_test_set(cfg, n, model))
         x_adv = attack_for(model).run(x, y, batch_size=250, progress=True)
         right = predict_logits(model, x_adv).argmax(1) == y
         out[f"{name}/{label}"] = right.to(torch.uint8)
@@ -691,16 +990,17 @@ def _attack(run: Path, name: str, cfg) -> None:
             saved.get(k) != v for k, v in options.items()
         ):
             shutil.rmtree(folder)  # another size or attack: start over
+    model = _load(run, name, cfg)
     build_adversarial_set(
-        _load(run, name),
-        _test_set(cfg, cfg.attack_images),
+        model,
+        _test_set(cfg, cfg.attack_images, model),
         folder,
         method="opt",
         targeted=True,
         target="least-likely",
         seed=cfg.seed,
         resume=True,
-        model_spec=str(run / name / "model.safetensors"),
+        model_spec=_spec(run, name, cfg)[0],
         **options,
     )
 
@@ -728,13 +1028,13 @@ def _strength(run: Path, name: str, cfg) -> None:
     from advinterp.attacks import attack_stats, make_attack
     from advinterp.attacks.opt import DEFAULT_STEPS
 
-    data = _test_set(cfg, cfg.lam_images)
-    x, y = data.images.float() / 255, data.labels
-    model = _load(run, name)
+    model = _load(run, name, cfg)
+    x, y = _tensors(_test_set(cfg, cfg.lam_images, model))
+    steps = cfg.opt_steps or DEFAULT_STEPS
     if cfg.lam:
-        grid = [(cfg.lam, DEFAULT_STEPS)]
+        grid = [(cfg.lam, steps)]
     else:
-        grid = [(lam, DEFAULT_STEPS) for lam in cfg.lam_grid]
+        grid = [(lam, steps) for lam in cfg.lam_grid]
         grid += [(cfg.lam_grid[-1], steps) for steps in cfg.steps_grid]
     tried = []
     for lam, steps in grid:
@@ -781,7 +1081,7 @@ def _semantics(run: Path, names, cfg, progress: bool) -> None:
 
     results, extra = [], {}
     for name in names:
-        model = _load(run, name)
+        model = _load(run, name, cfg)
         result = model_semantics(
             model,
             _pairs(run, name, model, cfg),
@@ -790,7 +1090,7 @@ def _semantics(run: Path, names, cfg, progress: bool) -> None:
             progress=progress,
         )
         results.append(result)
-        extra[name] = {"model": str(run / name / "model.safetensors")}
+        extra[name] = {"model": _spec(run, name, cfg)[0]}
     write_semantics(results, run / "semantics", extra=extra, settings={"sigma": cfg.sigma})
 
 
@@ -802,7 +1102,7 @@ def _semantics_and_galleries(run: Path, names, cfg, progress: bool) -> None:
 
     results, extra = [], {}
     for name in names:
-        model = _load(run, name)
+        model = _load(run, name, cfg)
         sem, gal = semantics_and_galleries(
             model,
             _pairs(run, name, model, cfg),
@@ -821,7 +1121,7 @@ def _semantics_and_galleries(run: Path, names, cfg, progress: bool) -> None:
             shutil.rmtree(folder)
         write_galleries(gal, folder / gal.layer, extra={"model": name})
         results.append(sem)
-        extra[name] = {"model": str(run / name / "model.safetensors")}
+        extra[name] = {"model": _spec(run, name, cfg)[0]}
     write_semantics(results, run / "semantics", extra=extra, settings={"sigma": cfg.sigma})
     for name in names:
         (run / "semantics" / f"{name}.partial").unlink(missing_ok=True)
@@ -829,10 +1129,9 @@ def _semantics_and_galleries(run: Path, names, cfg, progress: bool) -> None:
 
 def _dissect(run: Path, name: str, cfg, progress: bool) -> None:
     from advinterp.analysis.dissection import dissect_model, write_dissection
-    from advinterp.data.broden import open_probe
 
-    model = _load(run, name)
-    probe = open_probe("fashion-broden", model, size=cfg.probe_images, seed=cfg.seed)
+    model = _load(run, name, cfg)
+    probe = _probe(cfg, model)
     folder = run / "dissect" / name
     # dissect_model itself rebuilds a set made from another model, probe size or seed.
     result = dissect_model(
@@ -846,48 +1145,76 @@ def _dissect(run: Path, name: str, cfg, progress: bool) -> None:
         per_image=True,
     )
     write_dissection(result, folder, name=name)
-    write_json(folder / "bootstrap.json", _table1_resamples(result, len(probe), cfg.seed))
+    write_json(
+        folder / "bootstrap.json",
+        _table1_resamples(result, len(probe), cfg.seed, cfg.draws or DRAWS),
+    )
 
 
-def _dissect_random(run: Path, arch: str, cfg, progress: bool) -> None:
+def _dissect_random(run: Path, arch: str, cfg, progress: bool, twin=None) -> None:
     """Table 1's floor: ``arch`` untrained (random weights drawn with seed 0) dissected on
     the same probe and layers, real images only. Network Dissection's paper reads its
-    shares against the same control."""
+    shares against the same control. ``twin()``, where given, builds that network (for a
+    given model: :func:`_random_twin`)."""
     from advinterp.analysis.dissection import dissect_model, write_dissection
-    from advinterp.data.broden import open_probe
     from advinterp.models import create_model
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = create_model(arch).eval()
-    probe = open_probe("fashion-broden", model, size=cfg.probe_images, seed=cfg.seed)
+        model = (create_model(arch) if twin is None else twin()).eval()
+    probe = _probe(cfg, model)
     folder = run / "dissect" / random_name(arch)
     result = dissect_model(
         model, probe, layers=cfg.dissect_layers, seed=cfg.seed, progress=progress, per_image=True
     )
     write_dissection(result, folder, name=random_name(arch))
-    write_json(folder / "bootstrap.json", _table1_resamples(result, len(probe), cfg.seed))
+    write_json(
+        folder / "bootstrap.json",
+        _table1_resamples(result, len(probe), cfg.seed, cfg.draws or DRAWS),
+    )
 
 
-def _table1_resamples(result, n_images: int, seed: int) -> dict:
+def _table1_resamples(result, n_images: int, seed: int, draws: int | None = None) -> dict:
     """Table 1 on :data:`DRAWS` resamples of the probe images: per side, each resample's
     count of interpretable units per category (all dissected layers). The resamples
     depend only on the number of images and the seed, so every model on the same probe
     gets the same ones."""
     from advinterp.stats.bootstrap import resample_counts
 
-    weights = resample_counts(n_images, DRAWS, seed)
+    draws = draws or DRAWS
+    weights = resample_counts(n_images, draws, seed)
     out = {
-        "draws": DRAWS,
+        "draws": draws,
         "seed": seed,
         "images": n_images,
         "units": sum(d.iou.shape[0] for d in result.real.values()),
         "categories": next(iter(result.real.values())).categories,
     }
     for side, layers in result.sides().items():
-        counts = sum(d.interpretable_resampled(weights) for d in layers.values())
+        counts = sum(_interpretable_resampled(d, weights) for d in layers.values())
         out[side] = counts.tolist()
     return out
+
+
+#: Most IoU values (draws × units × labels) one resampling call holds in memory.
+RESAMPLE_BLOCK = 50_000_000
+
+
+def _interpretable_resampled(dissection, weights: torch.Tensor) -> torch.Tensor:
+    """``dissection.interpretable_resampled(weights)``, over blocks of the draws when one call
+    would hold more than :data:`RESAMPLE_BLOCK` IoU values (every unit of an ImageNet model
+    against Broden's labels): each draw is resampled on its own, so the counts are the same."""
+    iou = dissection.iou
+    size = iou.shape[0] * iou.shape[-1]
+    step = max(1, RESAMPLE_BLOCK // max(1, size))
+    if step >= len(weights):
+        return dissection.interpretable_resampled(weights)
+    return torch.cat(
+        [
+            dissection.interpretable_resampled(weights[i : i + step])
+            for i in range(0, len(weights), step)
+        ]
+    )
 
 
 # -- the paper's claims, each judged on a 95% bootstrap interval ---------------------------
@@ -991,13 +1318,22 @@ def _all_parts(text: str, parts: list[dict], detail: str = "") -> dict:
     }
 
 
-def findings(summary: dict, arch: str, evidence: Evidence) -> list[dict]:
+def findings(
+    summary: dict, arch: str, evidence: Evidence, adv: str | None = None, at: str | None = None
+) -> list[dict]:
     """The paper's claims about ``arch`` and its fine-tuned models, each with its estimate,
     95% interval and verdict (:func:`verdict`): Table 1 shares resampled over the probe
-    images, Fig. 10 slopes and mean CS1 over units, accuracies over test images."""
+    images, Fig. 10 slopes and mean CS1 over units, accuracies over test images.
+
+    ``adv`` and ``at`` name the models judged as ``arch``'s adversarially fine-tuned one
+    (consistency loss) and its plain adversarially trained one (default ``<arch>-Adv`` and
+    ``<arch>-AT``; ``""``: none); only the claims whose models are in the summary are
+    judged."""
     from advinterp.stats.bootstrap import resample_counts, weighted_mean, weighted_slope
 
-    normal, adv, at = arch, f"{arch}-Adv", f"{arch}-AT"
+    normal = arch
+    adv = f"{arch}-Adv" if adv is None else adv
+    at = f"{arch}-AT" if at is None else at
     t1 = summary["table1"]
     draws, seed = evidence.draws, evidence.seed
     out = []
@@ -1043,6 +1379,7 @@ def findings(summary: dict, arch: str, evidence: Evidence) -> list[dict]:
     # read against the floor of the same network with random weights where it was dissected.
     floor_name = random_name(arch)
     has_floor = floor_name in t1 and floor_name in evidence.probe
+    floor = None
     if has_floor:
         floor, floor_r = share(floor_name, "real")
     real, real_r = share(normal, "real")
@@ -1077,44 +1414,45 @@ def findings(summary: dict, arch: str, evidence: Evidence) -> list[dict]:
             detail=f"floor {floor:.1f}% ({floor_name})",
         )
     out.append(_with_floor(text, drops, sharp, detail, floor))
-    a_real, a_real_r = share(adv, "real")
-    a_fooled, a_fooled_r = share(adv, "adversarial")
-    keeps = a_fooled / a_real if a_real else float("nan")
-    normal_keeps = fooled / real if real else float("nan")
-    closer = _claim(
-        f"it keeps more of its real-image share than {normal} (adversarial ÷ real, difference)",
-        keeps - normal_keeps,
-        a_fooled_r / a_real_r - fooled_r / real_r,
-        detail=f"keeps {100 * keeps:.0f}%, {normal} keeps {100 * normal_keeps:.0f}%",
-    )
-    text = f"{adv}: the share stays close to the real-image share (closer than {normal}'s)"
-    detail = (
-        f"{a_real:.1f}% real, {a_fooled:.1f}% adversarial: keeps {100 * keeps:.0f}%, "
-        f"{normal} keeps {100 * normal_keeps:.0f}%"
-    )
-    kept = None
-    if has_floor:
-        kept = _claim(
-            "it keeps more than half of its share above the random-weights floor "
-            "(adversarial − (real + floor)/2)",
-            a_fooled - (a_real + floor) / 2,
-            a_fooled_r - (a_real_r + floor_r) / 2,
-            unit="points",
-            detail=f"floor {floor:.1f}% ({floor_name})",
+    if adv in t1 and adv in evidence.probe:
+        a_real, a_real_r = share(adv, "real")
+        a_fooled, a_fooled_r = share(adv, "adversarial")
+        keeps = a_fooled / a_real if a_real else float("nan")
+        normal_keeps = fooled / real if real else float("nan")
+        closer = _claim(
+            f"it keeps more of its real-image share than {normal} (adversarial ÷ real, difference)",
+            keeps - normal_keeps,
+            a_fooled_r / a_real_r - fooled_r / real_r,
+            detail=f"keeps {100 * keeps:.0f}%, {normal} keeps {100 * normal_keeps:.0f}%",
         )
-    out.append(_with_floor(text, closer, kept, detail, floor))
-    if at in t1:
-        t_fooled, t_fooled_r = share(at, "adversarial")
-        out.append(
-            _claim(
-                f"{adv} vs {at}: more interpretable units on adversarial images (the "
-                "consistency loss over plain adversarial training)",
-                a_fooled - t_fooled,
-                a_fooled_r - t_fooled_r,
+        text = f"{adv}: the share stays close to the real-image share (closer than {normal}'s)"
+        detail = (
+            f"{a_real:.1f}% real, {a_fooled:.1f}% adversarial: keeps {100 * keeps:.0f}%, "
+            f"{normal} keeps {100 * normal_keeps:.0f}%"
+        )
+        kept = None
+        if has_floor:
+            kept = _claim(
+                "it keeps more than half of its share above the random-weights floor "
+                "(adversarial − (real + floor)/2)",
+                a_fooled - (a_real + floor) / 2,
+                a_fooled_r - (a_real_r + floor_r) / 2,
                 unit="points",
-                detail=f"{a_fooled:.1f}% vs {t_fooled:.1f}% of units on adversarial probe images",
+                detail=f"floor {floor:.1f}% ({floor_name})",
             )
-        )
+        out.append(_with_floor(text, closer, kept, detail, floor))
+        if at in t1:
+            t_fooled, t_fooled_r = share(at, "adversarial")
+            out.append(
+                _claim(
+                    f"{adv} vs {at}: more interpretable units on adversarial images (the "
+                    "consistency loss over plain adversarial training)",
+                    a_fooled - t_fooled,
+                    a_fooled_r - t_fooled_r,
+                    unit="points",
+                    detail=f"{a_fooled:.1f}% vs {t_fooled:.1f}% of units on adversarial probe images",
+                )
+            )
 
     # Fig. 10: slopes against LC, and mean CS1.
     s1, s1_r = slope(normal, "cs1")
@@ -1257,7 +1595,9 @@ def load_evidence(run: Path, names: Sequence[str], seed: int = 0) -> Evidence:
     return evidence
 
 
-def _summary(run: Path, names, cfg, timings: dict) -> dict:
+def _summary(run: Path, names, cfg, timings: dict, given: dict | None = None) -> dict:
+    """``summary.json``'s dict. ``given`` (given models only): the models' roles, from
+    :func:`_roles`, and the name of the normal model's random-weights floor."""
     table2 = read_json(run / "table2.json")
     semantics = read_json(run / "semantics" / "semantics.json")
     table1, fig10, mean_cs1 = {}, {}, {}
@@ -1266,10 +1606,10 @@ def _summary(run: Path, names, cfg, timings: dict) -> dict:
         table1[name] = {"real": t["real"], "adversarial": t["adversarial"]}
         fig10[name] = semantics["models"][name]["fig10"]
         mean_cs1[name] = semantics["models"][name]["mean"]["cs1"]
-    for arch in cfg.archs:
-        t = read_json(run / "dissect" / random_name(arch) / "table1.json")
-        table1[random_name(arch)] = {"real": t["real"]}
-    floors = [random_name(a) for a in cfg.archs]
+    floors = [random_name(a) for a in cfg.archs] if given is None else given["floors"]
+    for floor in floors:
+        t = read_json(run / "dissect" / floor / "table1.json")
+        table1[floor] = {"real": t["real"]}
     evidence = load_evidence(run, [*names, *floors], cfg.seed)
     table2 = {n: dict(table2[n]) for n in names}
     robust = read_json(run / "robustness" / "autoattack.json")
@@ -1315,18 +1655,33 @@ def _summary(run: Path, names, cfg, timings: dict) -> dict:
         "paper": PAPER,
         "timings": timings,
         "total_seconds": sum(timings.values()),
-        "settings": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "settings": {
+            k: v
+            for k, v in asdict(cfg).items()
+            if k != "extra" and not (k in GIVEN_SETTINGS and v in (None, ()))
+        },
         "dissect_layers": list(cfg.dissect_layers),
         "gallery_layers": sorted(p.name for p in (run / "galleries").glob("*/*") if p.is_dir()),
         "verdicts": {
             "level": LEVEL,
-            "draws": DRAWS,
+            "draws": cfg.draws or DRAWS,
             "rule": "holds when the 95% interval lies beyond the bound (no effect, or the "
             "paper's limit) on the claim's side, fails when it lies on the other side, "
             "undecided when it straddles the bound",
         },
     }
-    summary["findings"] = [f for arch in cfg.archs for f in findings(summary, arch, evidence)]
+    if given is None:
+        summary["findings"] = [f for arch in cfg.archs for f in findings(summary, arch, evidence)]
+        return summary
+    summary["roles"] = given["roles"]
+    by_role = {r["role"]: n for n, r in given["roles"].items()}
+    summary["findings"] = findings(
+        summary,
+        by_role["normal"],
+        evidence,
+        adv=by_role.get("adv", ""),
+        at=by_role.get("at", ""),
+    )
     return summary
 
 
@@ -1370,6 +1725,9 @@ def format_summary(summary: dict) -> str:
             + " | adversarial "
             + " ".join(f"{k[:3]} {v:.1f}" for k, v in row["adversarial"].items())
         )
+    if summary.get("roles"):
+        lines += ["", "Roles in the findings (given models, in --models order):"]
+        lines += [f"- {n}: {r['description']} ({r['spec']})" for n, r in summary["roles"].items()]
     lines += ["", "The paper's findings on this data (estimate [95% interval]):"]
     for f in summary["findings"]:
         parts = f.get("parts") or [f]

@@ -219,20 +219,10 @@ def on_device(world: World, device: str | torch.device | None) -> World:
 
 
 def sync_batch_norm(model, world: World) -> None:
-    """With several processes, batch norm over the global batch (:func:`global_batch_norm`).
-
-    A batch norm that carries more than the normalisation (timm's ``BatchNormAct2d``
-    holds its activation) would lose it in the swap, so such a model is refused.
-    """
+    """With several processes, batch norm over the global batch (:func:`global_batch_norm`;
+    a batch norm holding its activation, as timm's ``BatchNormAct2d``, keeps it)."""
     if world.size == 1:
         return
-    for name, module in model.net.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and next(module.children(), None):
-            raise UserError(
-                f"layer {name} ({type(module).__name__}) fuses batch norm with an activation, "
-                "which training under torchrun cannot synchronise yet: train this model in "
-                "one process"
-            )
     global_batch_norm(model, world.bn_group)
 
 

@@ -27,8 +27,8 @@ small and untrained (a three-convolution net at 224², 10 classes named by
 Fashion-MNIST's wnids): the memory that could grow with N is the images', and a
 cheap model lets N be large enough for a copy of a set to show (4N float images
 at 224² are 2.4 MB × N: 147 MB at the default N = 64, beside ~0.7 GB of
-resident libraries; the KLL quantile sketch of the dissection grows with the log
-of the number of values, by design). Most of the time goes to writing and
+resident libraries; the dissection's exact top-0.5% buffers grow with the number
+of values, 0.5% of them, by design). Most of the time goes to writing and
 decoding PNGs. Stored under ``"streaming"`` in ``benches/results.json``. Not part
 of the tests::
 

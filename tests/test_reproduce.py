@@ -377,7 +377,7 @@ def test_autoattack_stage_writes_what_it_measured(tmp_path, monkeypatch):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
     model = Classifier(net, mean=(0.286,), std=(0.353,), input_size=28, num_classes=10)
-    monkeypatch.setattr(advinterp.reproduce, "_load", lambda run, name: model)
+    monkeypatch.setattr(advinterp.reproduce, "_load", lambda run, name, cfg: model)
     cfg = ReproduceConfig(quick=True, autoattack_images=6).resolved()
     _autoattack(tmp_path, ["m"], cfg)
     meta = json.loads((tmp_path / "robustness" / "autoattack.json").read_text())

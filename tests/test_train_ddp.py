@@ -15,6 +15,7 @@ over each process's rows alone (what DDP gives without ``GlobalBatchNorm``)
 misses by far more, so the test can fail.
 """
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -24,9 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from torch import nn
 
 from advinterp.data import FASHION_CLASSES, ImageFolderSet, TensorImageSet
-from advinterp.distributed import World, global_batch_norm, joined
+from advinterp.distributed import GlobalBatchNorm, World, global_batch_norm, joined
 from advinterp.errors import UserError
 from advinterp.models import create_model
 from advinterp.train import (
@@ -35,7 +37,6 @@ from advinterp.train import (
     on_device,
     run_epoch,
     sgd,
-    sync_batch_norm,
 )
 
 N_IMAGES, BATCH = 45, 16  # batches of 16, 16 and 13 (7 + 6 rows: an uneven split)
@@ -177,11 +178,16 @@ def test_what_several_processes_cannot_do_is_one_line():
     from timm.layers import BatchNormAct2d
 
     two = World(rank=0, size=2)
-    fused = create_model("resnet")
-    fused.net.bn1 = BatchNormAct2d(16)  # timm's batch norm holding its ReLU
-    with pytest.raises(UserError, match="layer bn1 \\(BatchNormAct2d\\) fuses batch norm"):
-        sync_batch_norm(fused, two)
-    sync_batch_norm(fused, World())  # one process: nothing to synchronise
+    # timm's batch norm holding its ReLU keeps it when made global.
+    fused = BatchNormAct2d(16)
+    fused.running_mean.uniform_(-1, 1)
+    x = torch.randn(4, 16, 5, 5)
+    made = global_batch_norm(nn.Sequential(copy.deepcopy(fused)), group=None)[0]
+    assert isinstance(made, GlobalBatchNorm) and isinstance(made.act, nn.ReLU)
+    for mode in (True, False):
+        fused.train(mode), made.train(mode)
+        torch.testing.assert_close(made(x), fused(x))
+    assert (made.eval()(x) >= 0).all() and (x < 0).any()
     on_gpu = World(rank=1, size=2, local_rank=1, device=torch.device("cuda", 1))  # NCCL's
     with pytest.raises(
         UserError, match="--device cpu: under torchrun this process trains on cuda:1"

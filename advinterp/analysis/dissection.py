@@ -38,7 +38,7 @@ from advinterp.errors import UserError
 from advinterp.io import atomic_replace, read_json, save_tensors, write_json
 from advinterp.metrics.dissect import Dissection, dissect
 from advinterp.models import layer_shapes
-from advinterp.record import resolve_layers
+from advinterp.record import Recorder, resolve_layers
 
 __all__ = [
     "DissectionResult",
@@ -90,6 +90,19 @@ def map_layers(model, layers: Sequence[str]) -> list[str]:
     spatial extent to compare with a mask)."""
     names = resolve_layers(model, list(layers))
     found = {name: (kind, shape) for name, kind, shape in layer_shapes(model)}
+    modules = dict(getattr(model, "net", model).named_modules())
+    # Names with a call number (``relu#1``, a module's first call in a pass) are measured
+    # by recording them; the module's last call is what ``layer_shapes`` lists.
+    numbered = [n for n in names if "#" in n]
+    if numbered:
+        with Recorder(model, numbered, reduce=None) as rec, torch.inference_mode():
+            was = model.training
+            model.eval()(torch.zeros(1, model.in_chans, model.input_size, model.input_size))
+            model.train(was)
+        for n in numbered:
+            out = rec.responses.get(n)
+            kind = type(modules[n.rpartition("#")[0]]).__name__
+            found[n] = (kind, tuple(out.shape[1:]) if torch.is_tensor(out) else ())
     for name in names:
         kind, shape = found.get(name, ("", ()))
         if len(shape) != 3:

@@ -339,7 +339,7 @@ class _ProbeLoader:
 
 def probe_batches(probe: BrodenProbe, batch_size: int = 100, workers: int = 0) -> _ProbeLoader:
     """``(images N×C×H×W, {category: masks})`` batches of ``probe``, re-iterable
-    (dissection reads the probe twice); ``workers`` decoding processes (0: none)."""
+    (its length tells the dissection how many values each unit will see); ``workers`` decoding processes (0: none)."""
     if batch_size < 1:
         raise UserError(f"the batch size must be at least 1, got {batch_size}")
     if workers < 0:

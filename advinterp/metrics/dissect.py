@@ -1,14 +1,19 @@
 """Network Dissection (Bau et al. 2017): which units' masks match a semantic concept.
 
-Two passes over a probe with concept masks (a Broden-format dataset):
+For each unit ``u`` of a layer, over a probe with concept masks (a Broden-format dataset):
 
-1. each unit's threshold ``T_u`` = the ``quantile`` (0.995: top 0.5%) of its
-   activations over every spatial position of every probe image, streamed
-   through a :class:`~advinterp.stats.Quantile` sketch;
-2. ``IoU(u, c) = Σ|M_u ∩ L_c| / Σ|M_u ∪ L_c|`` with ``M_u`` the unit's map
-   upsampled (bilinear) to the mask size and thresholded at ``T_u``, summed over
-   the images where ``c``'s category is annotated
-   (:class:`~advinterp.stats.IoUCounts`).
+1. its threshold ``T_u`` = the ``quantile`` (0.995: top 0.5%) of its activations over
+   every spatial position of every probe image;
+2. ``IoU(u, c) = Σ|M_u ∩ L_c| / Σ|M_u ∪ L_c|`` with ``M_u`` the unit's map upsampled
+   (bilinear) to the mask size and thresholded at ``T_u``, summed over the images where
+   ``c``'s category is annotated (:class:`~advinterp.stats.IoUCounts`).
+
+Both in one pass of the model over the probe: the thresholds are exact, from each unit's
+largest activations kept as they come (:class:`~advinterp.stats.TopQuantile`, the same
+numbers as ``torch.quantile`` over all of them), and the IoU counts are kept until the
+thresholds are known (:class:`~advinterp.stats.DeferredIoU`): the pixels that may end
+up inside a mask one by one (then the IoU is exact, as a second pass would count it),
+past a memory budget in fine bins around each threshold (within ~1e-3).
 
 A unit is *interpretable* when its best IoU exceeds ``iou_threshold`` and is
 counted in its best concept's category, as in NetDissect's tally. The default
@@ -19,6 +24,7 @@ pass ``iou_threshold=0.4`` to follow its text.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -27,7 +33,9 @@ import torch
 from advinterp.errors import UserError
 from advinterp.progress import progress as tqdm
 from advinterp.record import Recorder
-from advinterp.stats import IoUCounts, Quantile
+from advinterp.stats import DeferredIoU, IoUCounts, TopQuantile
+from advinterp.stats.iou import Concepts
+from advinterp.stats.quantile import tail_window
 
 __all__ = ["Dissection", "UnitConcept", "dissect", "label_categories"]
 
@@ -116,15 +124,17 @@ def label_categories(categories: Mapping[str, Sequence[int]], num_labels: int) -
     return owner
 
 
-def _passes(batches: Iterable[ProbeBatch] | Callable[[], Iterable[ProbeBatch]]):
-    if callable(batches):
-        return batches
-    if iter(batches) is batches:
-        raise UserError(
-            "dissection reads the probe twice: pass a list, a DataLoader or a function "
-            "returning a fresh iterator, not a one-shot generator"
-        )
-    return lambda: batches
+def _probe_images(batches) -> int | None:
+    """How many images ``batches`` holds, when it says so without being read: a list of
+    batches, a probe's batches (:func:`~advinterp.data.broden.probe_batches`, the
+    adversarial side's), a ``DataLoader``; else None."""
+    if isinstance(batches, (list, tuple)):
+        return sum(len(images) for images, _ in batches)
+    for name in ("adversarial", "probe", "dataset"):
+        source = getattr(batches, name, None)
+        if source is not None and hasattr(source, "__len__"):
+            return len(source)
+    return None
 
 
 def dissect(
@@ -135,29 +145,40 @@ def dissect(
     labels: Sequence[str],
     quantile: float = 0.995,
     iou_threshold: float = 0.04,
-    resolution: int = 8192,
+    resolution: int | None = None,
     progress: bool = False,
     per_image: bool = False,
+    bins: int = 64,
+    exact_pixels: int | None = DeferredIoU.EXACT_PIXELS,
 ) -> Dissection | dict[str, Dissection]:
-    """Dissect one layer (or several, in the same two passes) of ``model`` on a probe.
+    """Dissect one layer (or several, in the same pass) of ``model`` on a probe.
 
     Args:
         model: a :class:`~advinterp.models.Classifier` or any module; ``layer``
             names one of its conv layers (as :class:`~advinterp.record.Recorder`),
             or a list of them.
-        batches: ``(images, masks)`` pairs, re-iterable (or a function returning a
-            fresh iterable): ``masks`` maps a category name to ``N×S×H×W`` /
-            ``N×H×W`` label masks or ``N×S`` image-level labels (0 = none); an
-            image with no nonzero label in a category is not annotated in it.
+        batches: ``(images, masks)`` pairs (or a function returning them), read once:
+            ``masks`` maps a category name to ``N×S×H×W`` / ``N×H×W`` label masks or
+            ``N×S`` image-level labels (0 = none); an image with no nonzero label in a
+            category is not annotated in it. When their number of images shows without
+            reading them (a list, :func:`~advinterp.data.broden.probe_batches`, a
+            ``DataLoader``) the thresholds are exact in any order; else unless the probe
+            comes in an order whose activations drift far (a warning then says so).
         categories: category name → its label numbers (the table's rows).
         labels: label names by number; ``labels[0]`` is "no concept".
         quantile: per-unit activation quantile for the threshold (0.995: top 0.5%).
         iou_threshold: best IoU above which a unit is interpretable (0.04, as
             NetDissect; the paper's text says 0.4).
-        resolution: the quantile sketch's size (rank error ≈ 1.4/resolution).
+        resolution: unused (the thresholds are exact); kept so older calls still run.
         per_image: keep the IoU counts image by image (``Dissection.counts``), so
             Table 1 can be recomputed on resamples of the probe
-            (:meth:`Dissection.interpretable_resampled`); memory grows with the images.
+            (:meth:`Dissection.interpretable_resampled`); the counts are then exact
+            (see :class:`~advinterp.stats.DeferredIoU`) and memory grows with the images.
+        bins, exact_pixels: how the IoU counts are kept until the thresholds are known
+            (:class:`~advinterp.stats.DeferredIoU`): up to ``exact_pixels`` pixels per
+            layer one by one, so that the counts are exact (the embedded probe's 3,000
+            images need a third of the default), then in ``bins`` bins around each
+            unit's threshold.
 
     Returns a :class:`Dissection` for one layer name, ``{layer: Dissection}`` for a list.
 
@@ -166,55 +187,97 @@ def dissect(
         result = dissect(model, "layer3.1.conv2", probe, {"object": [1, 2]}, ["-", "shirt", "bag"])
         result.interpretable()                 # {"object": 12.5}
     """
+    del resolution
     if not 0 < quantile < 1:
         raise UserError(f"quantile must be in (0, 1), got {quantile}")
-    passes = _passes(batches)
+    batches = batches() if callable(batches) else batches
+    images = _probe_images(batches)
     label_category = label_categories(categories, len(labels))
     names = list(categories)
     index = {name: k for k, name in enumerate(names)}
     layers = [layer] if isinstance(layer, str) else list(layer)
     model.eval()
-    sketches: dict[str, Quantile] = {}
-    counts: dict[str, IoUCounts] = {}
-    with Recorder(model, layers, keep_maps=layers) as rec, torch.inference_mode():
-        for images, _ in tqdm(passes(), desc="dissect: quantiles", disable=not progress):
-            rec(images)
+    tops: dict[str, TopQuantile] = {}
+    counts: dict[str, DeferredIoU] = {}
+    looked: dict[str, int] = {}
+    bounds: dict[str, torch.Tensor] = {}
+    with (
+        Recorder(model, layers, reduce=None, keep_maps=layers, stop=True) as rec,
+        torch.inference_mode(),
+    ):
+        for x, masks in tqdm(batches, desc="dissect", disable=not progress):
+            unknown = set(masks) - set(index)
+            if unknown:
+                raise UserError(f"probe masks name categories {sorted(unknown)} not among {names}")
+            rec(x)
+            device = rec.maps[rec.layers[0]].device
+            concepts = Concepts(
+                {index[k]: v for k, v in masks.items()}, len(labels), len(names), device=device
+            )
             for name in rec.layers:
                 maps = rec.maps[name]
                 if maps.dim() != 4:
                     raise UserError(
                         f"layer {name} gives {maps.dim()}-D output: dissect a conv layer"
                     )
-                if name not in sketches:
-                    sketches[name] = Quantile(maps.shape[1], resolution=resolution)
-                sketches[name].add(maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]))
-        if not sketches:
-            raise UserError("the probe is empty: no images to dissect")
-        thresholds = {name: sketch.quantile(quantile) for name, sketch in sketches.items()}
-        for name, sketch in sketches.items():
-            counts[name] = IoUCounts(
-                sketch.num_units, len(labels), label_category, len(names), per_image=per_image
-            )
-        sketches.clear()  # ~3 × resolution values a unit, not needed in the second pass
-        for images, masks in tqdm(passes(), desc="dissect: IoU", disable=not progress):
-            unknown = set(masks) - set(index)
-            if unknown:
-                raise UserError(f"probe masks name categories {sorted(unknown)} not among {names}")
-            rec(images)
-            by_index = {index[k]: v for k, v in masks.items()}
-            for name in rec.layers:
-                counts[name].add(rec.maps[name], thresholds[name], by_index)
-    results = {
-        name: Dissection(
+                if name not in tops:
+                    total = None if images is None else images * maps.shape[2] * maps.shape[3]
+                    tops[name] = TopQuantile(maps.shape[1], quantile, total=total)
+                    counts[name] = DeferredIoU(
+                        maps.shape[1],
+                        len(labels),
+                        label_category,
+                        len(names),
+                        bins=bins,
+                        per_image=per_image,
+                        exact_pixels=exact_pixels,
+                    )
+                    looked[name] = 0
+                top = tops[name]
+                top.add(maps)
+                # The window where a threshold will lie moves less and less as values come:
+                # read it again each time the values grew by an eighth.
+                window = None
+                if top.count >= looked[name] * 1.125:
+                    window, bounds[name], looked[name] = (
+                        tail_window(top),
+                        top.lower_bound(),
+                        top.count,
+                    )
+                counts[name].add(maps, concepts, window, bound=bounds[name])
+    if not tops:
+        raise UserError("the probe is empty: no images to dissect")
+    results = {}
+    for name in rec.layers:
+        thresholds = tops[name].quantile()
+        _warn_inexact(name, tops[name].exact(), counts[name].exact(thresholds))
+        tally = counts[name].counts(thresholds)
+        results[name] = Dissection(
             layer=name,
-            thresholds=thresholds[name].cpu(),
-            iou=counts[name].result().cpu(),
+            thresholds=thresholds.cpu(),
+            iou=tally.result().cpu(),
             labels=list(labels),
             categories=names,
             label_category=label_category,
             iou_threshold=iou_threshold,
-            counts=counts[name] if per_image else None,
+            counts=tally if per_image else None,
         )
-        for name in rec.layers
-    }
     return results[rec.layers[0]] if isinstance(layer, str) else results
+
+
+def _warn_inexact(layer: str, threshold_exact: torch.Tensor, counts_exact: torch.Tensor) -> None:
+    """Say so when a threshold or a count is not exact: only a probe read in an order that
+    drifts far, with its size unknown, gets here."""
+    if not bool(threshold_exact.all()):
+        warnings.warn(
+            f"layer {layer}: the thresholds of {int((~threshold_exact).sum())} units are "
+            "approximate (the probe's size was not known and its values came in a drifting "
+            "order): pass the batches as a list or a probe's batches",
+            stacklevel=3,
+        )
+    if not bool(counts_exact.all()):
+        warnings.warn(
+            f"layer {layer}: {int((~counts_exact).sum())} units' thresholds fell below the "
+            "values counted for them; their IoU is approximate",
+            stacklevel=3,
+        )

@@ -27,6 +27,7 @@ from advinterp.models.wrapper import Classifier
 __all__ = [
     "Classifier",
     "PAPER_IMAGENET_ARCHS",
+    "checkpoint_config",
     "SMALL_ARCHS",
     "WEIGHTS_HELP",
     "create_model",
@@ -113,6 +114,16 @@ WEIGHTS_HELP = (
 )
 
 
+def checkpoint_config(spec: str | os.PathLike) -> Path | None:
+    """The config file (``NAME.json``) of the checkpoint ``spec`` names (``NAME.safetensors``,
+    ``NAME.json``, ``NAME`` or its folder holding ``model.json``), or None when ``spec`` is
+    not a checkpoint (e.g. a model name)."""
+    path = Path(spec)
+    candidates = [path.with_suffix(".json")] if path.suffix in (".safetensors", ".json") else []
+    candidates += [Path(str(path) + ".json"), path / "model.json"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def load_model(spec: str, weights: str | os.PathLike | None = None) -> Classifier:
     """Load a model by checkpoint path or registry name.
 
@@ -133,9 +144,7 @@ def load_model(spec: str, weights: str | os.PathLike | None = None) -> Classifie
         model.wnids[281]                                   # 'n02123045' (tabby)
     """
     path = Path(spec)
-    candidates = [path.with_suffix(".json")] if path.suffix in (".safetensors", ".json") else []
-    candidates += [Path(str(path) + ".json"), path / "model.json"]
-    config_path = next((c for c in candidates if c.is_file()), None)
+    config_path = checkpoint_config(spec)
     if config_path is not None:
         if weights is not None:
             raise UserError(f"{spec} is a checkpoint and holds its weights: drop --weights")

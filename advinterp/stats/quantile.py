@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from advinterp.errors import UserError
+from advinterp.stats.sparse import above
 
 __all__ = ["Quantile"]
 
@@ -141,6 +142,13 @@ class Quantile:
         )
         return values, weights
 
+    def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sketch itself: each unit's kept values, ascending (``U×M``), and how many
+        values each stands for (``U×M``): what any quantile read-out interpolates."""
+        values, weights = self._weighted()
+        order = values.argsort(dim=1)
+        return values.gather(1, order), weights[order]
+
     def quantile(self, q: float | torch.Tensor) -> torch.Tensor:
         """Each unit's ``q``-quantile: ``U`` for a number, ``U×len(q)`` for a 1-D tensor of them.
 
@@ -210,3 +218,245 @@ class Quantile:
         sketch = cls(state["values"].shape[0], int(state.get("resolution", 8192)))
         sketch.set_state_dict(state)
         return sketch
+
+
+def _top_count(q: float, n: int) -> int:
+    """How many of ``n`` values an upper ``q``-quantile reads (linear interpolation, as
+    ``torch.quantile``): the value at sorted position ``⌊q·(n−1)⌋`` and every one above it."""
+    if n < 1:
+        return 0
+    return n - math.floor(_sorted_position(q, n))
+
+
+def _sorted_position(q: float, n: int) -> float:
+    """Where the ``q``-quantile of ``n`` float32 values sits in their ascending order, as
+    ``torch.quantile`` computes it: ``q`` rounded to float32, times ``n − 1`` in float64."""
+    return float(torch.tensor(q, dtype=torch.float32)) * (n - 1)
+
+
+class TopQuantile:
+    """Exact upper quantiles of each of ``num_units`` units: each unit's largest values, kept.
+
+    A ``q``-quantile of ``n`` values depends only on the ``n − ⌊q·(n−1)⌋`` largest of
+    them: for Network Dissection's 0.995, on the top 0.5% (Bau et al. 2017's threshold
+    needs no sketch). This keeps them, with a running top-k merge, and answers any
+    quantile ≥ ``q`` exactly, as ``torch.quantile`` (linear interpolation) over every
+    value would, bit for bit. ``add`` a batch (``N×U`` values, or ``N×U×…`` maps: every
+    position is a value); ``quantile()`` gives ``U`` thresholds; :meth:`top` the values at
+    given ranks from the top. Memory is the kept values: ``U × (r + 8·√r + 64)`` float32
+    with ``total`` known, ``r = 0.005·n`` (NetDissect-Lite holds all ``U × n`` as float64).
+
+    Args:
+        num_units: units (columns).
+        q: the lowest quantile to answer exactly.
+        total: how many values each unit will receive, when known (images × positions):
+            the store then holds what that many need from the start, and is exact
+            whatever the order of the values. Unknown, it holds twice what the values
+            so far need (+64), exact unless the stream brings a long run of small values
+            after large ones; :meth:`exact` tells, per unit.
+
+    Streaming and mergeable like the other statistics (``merge``, ``state_dict``,
+    ``set_state_dict``); a merge of shards is exact when each was made with the
+    shards' ``total``.
+
+    Example::
+
+        top = TopQuantile(512, 0.995, total=len(probe) * 7 * 7)
+        for x, _ in probe:
+            top.add(recorder(x)[layer])          # N×512×7×7
+        thresholds = top.quantile()              # 512, exact
+    """
+
+    def __init__(self, num_units: int, q: float = 0.995, total: int | None = None):
+        if num_units < 1 or not 0 < q < 1:
+            raise UserError(
+                f"a top quantile needs at least one unit and q in (0, 1) (got units={num_units}, "
+                f"q={q})"
+            )
+        self.num_units = int(num_units)
+        self.q = float(q)
+        self.total = None if total is None else int(total)
+        self.count = 0
+        self.values = torch.empty(self.num_units, 0)
+        # Sorted ascending. An upper bound on every value let go (-inf: none): kept values
+        # at or above it are the exact largest values of the stream.
+        self.floor = torch.full((self.num_units,), -math.inf)
+        self._placed = False
+
+    def capacity(self, count: int) -> int:
+        """Values kept per unit after ``count`` values: what the quantile and the ranks
+        around it (:func:`tail_window`) need."""
+        if self.total is not None and count <= self.total:
+            need = _top_count(self.q, self.total)
+            return need + math.ceil(8 * math.sqrt(need)) + 64
+        return 2 * _top_count(self.q, count) + 64
+
+    def add(self, values: torch.Tensor) -> None:
+        """Fold in a batch: ``N×U`` values, or ``N×U×…`` maps (each position a value)."""
+        if values.dim() < 2 or values.shape[1] != self.num_units:
+            raise ValueError(f"expected N×{self.num_units}(×…) values, got {tuple(values.shape)}")
+        per_unit = values.numel() // self.num_units
+        if per_unit == 0:
+            return
+        if not self._placed:
+            self.to(values.device)
+        values = values.detach().to(self.values.device, torch.float32)
+        cap = self.capacity(self.count + per_unit)
+        kept = self.values.shape[1]
+        packed = None
+        if kept > 0:
+            # Only values above a unit's smallest kept one can enter, as long as enough do.
+            least = self.values[:, 0]
+            grid = values.reshape(values.shape[0], self.num_units, -1)
+            # Counted unit by unit (U×N×…), so that the entering values come grouped by unit.
+            flat = above(grid, least.view(1, -1, 1), order=(1, 0, 2)).to(grid.device)
+            n, positions = grid.shape[0], grid.shape[2]
+            unit = flat // (n * positions)
+            per = torch.bincount(unit, minlength=self.num_units)
+            if bool((per + kept >= cap).all()):
+                self.floor = torch.maximum(self.floor, least)
+                image = flat // positions % n
+                where = (image * self.num_units + unit) * positions + flat % positions
+                new = grid.reshape(-1).index_select(0, where)
+                start = (per.cumsum(0) - per).index_select(0, unit)
+                width = int(per.max())
+                slot = unit * width + torch.arange(len(unit), device=unit.device) - start
+                packed = new.new_full((self.num_units, width), -math.inf)
+                packed.view(-1).index_copy_(0, slot, new)
+        if packed is None:
+            packed = values.transpose(0, 1).reshape(self.num_units, -1)
+        self._keep(torch.cat([self.values, packed], dim=1), cap)
+        self.count += per_unit
+
+    def _keep(self, values: torch.Tensor, cap: int) -> None:
+        """Keep the ``cap`` largest of ``values`` per row, sorted ascending."""
+        values = _sorted_rows(values)
+        if values.shape[1] > cap:
+            self.floor = torch.maximum(self.floor, values[:, -cap - 1])
+            values = values[:, -cap:].contiguous()
+        self.values = values
+
+    def top(self, ranks) -> torch.Tensor:
+        """Each unit's values at ``ranks`` (1 = the largest; an int, or a 1-D sequence):
+        ``U`` or ``U×len(ranks)``."""
+        scalar = isinstance(ranks, int)
+        ranks = torch.as_tensor([ranks] if scalar else list(ranks), dtype=torch.int64)
+        kept = self.values.shape[1]
+        if self.count == 0:
+            raise UserError("no values were added: a quantile of nothing")
+        if (ranks < 1).any() or (ranks > kept).any():
+            raise ValueError(f"ranks must lie in 1..{kept} (the values kept), got {ranks.tolist()}")
+        out = self.values[:, (kept - ranks).to(self.values.device)]
+        return out[:, 0] if scalar else out
+
+    def lower_bound(self) -> torch.Tensor:
+        """``U`` values the store's ``q``-quantile of the whole stream cannot fall below, from
+        the values so far; ``-inf`` until ``total`` is known and that many values' quantile
+        rank has been reached (it only rises as values come)."""
+        need = _top_count(self.q, self.total or 0)
+        known = self.total is not None and self.count <= self.total
+        if not known or self.count < need or self.values.shape[1] < need:
+            return torch.full_like(self.floor, -math.inf)
+        return self.top(need)
+
+    def _positions(self, q: float) -> tuple[int, int, torch.Tensor]:
+        """Ranks from the top of the values below and above sorted position ``q·(n−1)``,
+        and the interpolation weight, computed as ``torch.quantile`` computes them."""
+        if not self.q <= q < 1:
+            raise UserError(f"this store answers quantiles in [{self.q}, 1), not {q}")
+        if self.count == 0:
+            raise UserError("no values were added: a quantile of nothing")
+        n = self.count
+        rank = _sorted_position(q, n)
+        below = math.floor(rank)
+        weight = torch.tensor(rank - below, dtype=torch.float32)
+        return n - below, n - math.ceil(rank), weight
+
+    def quantile(self, q: float | None = None) -> torch.Tensor:
+        """Each unit's ``q``-quantile (default: the store's ``q``), ``U`` float32: the same
+        numbers as ``torch.quantile`` over all the unit's values."""
+        low, high, weight = self._positions(self.q if q is None else float(q))
+        pair = self.top([low, high])
+        return torch.lerp(pair[:, 0], pair[:, 1], weight.to(pair.device))
+
+    def result(self) -> torch.Tensor:
+        """The store's ``q``-quantile (:meth:`quantile`), in the runningstats vocabulary."""
+        return self.quantile()
+
+    def exact(self, q: float | None = None) -> torch.Tensor:
+        """``U`` booleans: whether :meth:`quantile` is exact (always, when ``total`` was given
+        and not exceeded)."""
+        low, _, _ = self._positions(self.q if q is None else float(q))
+        sure = (self.values >= self.floor[:, None]).sum(1)
+        return (sure >= low).cpu()
+
+    def merge(self, other: TopQuantile) -> None:
+        """Fold in a store of other values (a shard): as if one store had seen both."""
+        if other.num_units != self.num_units or other.q != self.q:
+            raise ValueError("cannot merge top quantiles of another layer or quantile")
+        if not self._placed and other._placed:
+            self.to(other.values.device)
+        device = self.values.device
+        self.floor = torch.maximum(self.floor, other.floor.to(device))
+        self.count += other.count
+        both = torch.cat([self.values, other.values.to(device)], dim=1)
+        self._keep(both, self.capacity(self.count))
+
+    def to(self, device) -> TopQuantile:
+        self.values = self.values.to(device)
+        self.floor = self.floor.to(device)
+        self._placed = True
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only, so ``advinterp.io.save_tensors`` can write it."""
+        return {
+            "values": self.values.contiguous(),
+            "floor": self.floor,
+            "count": torch.tensor(self.count, dtype=torch.int64),
+            "q": torch.tensor(self.q, dtype=torch.float64),
+            "total": torch.tensor(-1 if self.total is None else self.total, dtype=torch.int64),
+        }
+
+    def set_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            values, floor, count = state["values"], state["floor"], state["count"]
+        except KeyError as e:
+            raise UserError(
+                f"top-quantile state lacks {e}; the checkpoint is not a top-quantile store"
+            ) from None
+        if values.dim() != 2 or values.shape[0] != self.num_units:
+            raise UserError(
+                f"top-quantile state holds {tuple(values.shape)} values for {self.num_units} "
+                "units: it was saved for another layer"
+            )
+        self.values = _sorted_rows(values.to(torch.float32)).clone()
+        self.floor = floor.to(torch.float32).clone()
+        self.count = int(count)
+        if "q" in state:
+            self.q = float(state["q"])
+        if "total" in state:
+            self.total = None if int(state["total"]) < 0 else int(state["total"])
+        self._placed = False
+
+    load_state_dict = set_state_dict
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> TopQuantile:
+        store = cls(state["values"].shape[0], float(state.get("q", 0.995)))
+        store.set_state_dict(state)
+        return store
+
+
+def tail_window(store: TopQuantile, spread: float = 8.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each unit's ``store.q``-quantile of the whole stream will lie, seen from the values
+    so far: the values ``spread·√r + 16`` ranks below and above its rank ``r`` from the top
+    (``U`` lows and highs, exact values of the stream). The count of a sample's values
+    above a level varies by about its square root, more where values come in clusters (the
+    positions of one image), so the quantile of the finished stream stays inside unless
+    the stream drifts; :class:`~advinterp.stats.DeferredIoU` keeps its finest bins there."""
+    r = _top_count(store.q, store.count)
+    margin = math.ceil(spread * math.sqrt(r)) + 16
+    kept = store.values.shape[1]
+    low, high = store.top([min(kept, r + margin), max(1, r - margin)]).unbind(1)
+    return low, high

@@ -3,10 +3,21 @@ import torch
 from torch import nn
 
 from advinterp.errors import UserError
-from advinterp.metrics.dissect import dissect, label_categories
+from advinterp.metrics.dissect import Dissection, dissect, label_categories
 from advinterp.models import create_model
 
+from ..conftest import one_thread as single_thread
+
 LABELS = ["-", "dot", "field", "stripes", "plain"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spin against other processes."""
+    with single_thread():
+        yield
+
+
 CATEGORIES = {"object": [1, 2], "texture": [3, 4]}
 
 
@@ -37,7 +48,7 @@ def _copy_model():
 
 
 def test_unit_copying_a_concept_scores_iou_one():
-    result = dissect(_copy_model(), "0", _probe(), CATEGORIES, LABELS, resolution=1 << 16)
+    result = dissect(_copy_model(), "0", _probe(), CATEGORIES, LABELS)
     assert result.iou.shape == (2, 5)
     assert result.iou[0, 1] == pytest.approx(1.0)
     assert result.iou[0, 2:].max() < 0.02
@@ -48,20 +59,19 @@ def test_unit_copying_a_concept_scores_iou_one():
     assert result.interpretable() == {"object": 50.0, "texture": 0.0}
 
 
-def test_default_sketch_is_close_to_exact():
-    result = dissect(_copy_model(), "0", _probe(), CATEGORIES, LABELS)
-    assert result.iou[0, 1] > 0.8  # a rank error of ≤ 1e-3 moves at most 40 of 200 pixels
+def test_binned_counts_are_close_to_exact():
+    result = dissect(_copy_model(), "0", _probe(), CATEGORIES, LABELS, exact_pixels=0)
+    assert result.iou[0, 1] == pytest.approx(1.0, abs=0.02)
     assert result.interpretable() == {"object": 50.0, "texture": 0.0}
 
 
 def test_threshold_is_the_top_half_percent_quantile():
     probe = _probe()
-    result = dissect(_copy_model(), "0", probe, CATEGORIES, LABELS, resolution=1 << 16)
+    result = dissect(_copy_model(), "0", probe, CATEGORIES, LABELS)
     pixels = torch.cat([x for x, _ in probe]).flatten()
-    assert result.thresholds[0] == torch.quantile(pixels, 0.995, interpolation="lower")
-    strict = dissect(
-        _copy_model(), "0", probe, CATEGORIES, LABELS, resolution=1 << 16, iou_threshold=0.4
-    )
+    assert result.thresholds[0] == torch.quantile(pixels, 0.995)  # exact, not estimated
+    assert result.thresholds[1] == torch.quantile(-pixels, 0.995)
+    strict = dissect(_copy_model(), "0", probe, CATEGORIES, LABELS, iou_threshold=0.4)
     assert strict.interpretable()["object"] == 50.0
 
 
@@ -81,10 +91,19 @@ def test_runs_on_the_default_model():
     assert set(result.interpretable()) == {"object"}
 
 
+def test_the_probe_is_read_once():
+    probe = _probe(n=48)
+    model = _copy_model()
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append(1))
+    once = dissect(model, "0", iter(probe), CATEGORIES, LABELS)  # a generator will do
+    assert len(calls) == len(probe)  # one forward pass per batch
+    again = dissect(model, "0", lambda: iter(probe), CATEGORIES, LABELS)
+    assert torch.equal(once.iou, again.iou) and torch.equal(once.thresholds, again.thresholds)
+
+
 def test_user_errors():
     probe = _probe(n=16)
-    with pytest.raises(UserError, match="twice"):
-        dissect(_copy_model(), "0", iter(probe), CATEGORIES, LABELS)
     with pytest.raises(UserError, match="not among"):
         dissect(_copy_model(), "0", probe, {"object": [1, 2]}, LABELS)
     with pytest.raises(UserError, match="not in 1..4"):
@@ -105,9 +124,7 @@ def test_resampled_table1_counts_the_units_of_each_resample():
     from advinterp.stats.bootstrap import resample_counts
 
     probe = _probe()
-    result = dissect(
-        _copy_model(), "0", probe, CATEGORIES, LABELS, resolution=1 << 16, per_image=True
-    )
+    result = dissect(_copy_model(), "0", probe, CATEGORIES, LABELS, per_image=True)
     n = sum(len(x) for x, _ in probe)
     weights = torch.cat([torch.ones(1, n, dtype=torch.float64), resample_counts(n, 50, seed=0)])
     counts = result.interpretable_resampled(weights)
@@ -118,3 +135,82 @@ def test_resampled_table1_counts_the_units_of_each_resample():
     assert (counts[1:, 0] == 1).all() and (counts[1:, 1] == 0).all()
     with pytest.raises(UserError, match="per_image"):
         dissect(_copy_model(), "0", probe, CATEGORIES, LABELS).interpretable_resampled(weights)
+
+
+# -- against exact Network Dissection on the embedded probe ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded(small_run, tmp_path_factory):
+    """The default model (trained briefly) and 400 images of the embedded probe, in batches."""
+    from advinterp.data.broden import BrodenProbe, probe_batches
+    from advinterp.data.fashion_broden import write_fashion_broden
+    from advinterp.models import load_model
+
+    root = write_fashion_broden(tmp_path_factory.mktemp("probe") / "fb", n=400, progress=False)
+    probe = BrodenProbe(root, in_chans=1, input_size=28)
+    model = load_model(str(small_run / "model.safetensors")).eval()
+    return model, probe, list(probe_batches(probe, 50))
+
+
+def _two_pass(model, layers, batches, probe, per_image=False):
+    """Network Dissection as defined: every activation kept, thresholds by ``torch.quantile``
+    over all of them, then a second pass counting the IoU (:class:`IoUCounts`)."""
+    from advinterp.record import Recorder
+    from advinterp.stats import IoUCounts
+
+    names = list(probe.categories)
+    label_category = label_categories(probe.categories, len(probe.labels))
+    maps = {layer: [] for layer in layers}
+    with Recorder(model, layers, keep_maps=layers) as rec, torch.inference_mode():
+        for x, _ in batches:
+            rec(x)
+            for layer in layers:
+                maps[layer].append(rec.maps[layer])
+    out = {}
+    for layer, parts in maps.items():
+        every = torch.cat(parts)
+        thresholds = torch.quantile(every.transpose(0, 1).flatten(1), 0.995, dim=1)
+        counts = IoUCounts(
+            every.shape[1], len(probe.labels), label_category, len(names), per_image=per_image
+        )
+        for part, (_, masks) in zip(parts, batches, strict=True):
+            counts.add(part, thresholds, {names.index(c): m for c, m in masks.items()})
+        out[layer] = thresholds, counts
+    return out
+
+
+def test_one_pass_is_exact_network_dissection_on_the_embedded_probe(embedded):
+    model, probe, batches = embedded
+    layers = ["layer2", "layer3"]
+    exact = _two_pass(model, layers, batches, probe)
+    ours = dissect(model, layers, batches, probe.categories, probe.labels)
+    binned = dissect(model, layers, batches, probe.categories, probe.labels, exact_pixels=0)
+    for layer, (thresholds, counts) in exact.items():
+        assert torch.equal(ours[layer].thresholds, thresholds)
+        torch.testing.assert_close(ours[layer].iou, counts.result(), rtol=0, atol=1e-12)
+        # Binned (a probe too large to keep the pixels): the IoU within 0.005, and the same
+        # best concept wherever the runner-up is not within a hair of it.
+        iou = counts.result()
+        assert torch.equal(binned[layer].thresholds, thresholds)
+        assert (binned[layer].iou - iou).abs().max() < 5e-3
+        first, second = iou.topk(2, dim=1).values.unbind(1)
+        same = binned[layer].iou.argmax(1) == iou.argmax(1)
+        assert same[first - second > 2e-3].all() and same.double().mean() >= 0.95
+
+
+def test_per_image_counts_resample_as_a_second_pass(embedded):
+    from advinterp.stats.bootstrap import resample_counts
+
+    model, probe, batches = embedded
+    ((thresholds, counts),) = _two_pass(model, ["layer3"], batches, probe, per_image=True).values()
+    ours = dissect(model, "layer3", batches, probe.categories, probe.labels, per_image=True)
+    weights = resample_counts(len(probe), 20, seed=0)
+    torch.testing.assert_close(ours.counts.resampled(weights), counts.resampled(weights))
+    assert torch.equal(
+        ours.interpretable_resampled(weights),
+        Dissection(
+            "layer3", thresholds, counts.result(), probe.labels, list(probe.categories),
+            ours.label_category, 0.04, counts,
+        ).interpretable_resampled(weights),
+    )  # fmt: skip

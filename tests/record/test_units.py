@@ -116,3 +116,25 @@ def test_a_functional_relu_is_read_at_the_block_that_holds_it():
     net = Net()
     net.input_size, net.in_chans = 8, 1
     assert unit_layers(net) == ["a", "b", "head"]
+
+
+def test_layers_units_lists_the_read_out_points_from_the_cli(capsys):
+    from advinterp.cli import main
+
+    assert main(["layers", "resnet", "--units"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r[0] for r in rows] == unit_layers(create_model("resnet"))
+    assert rows[1] == ["layer1.0.relu#1", "ReLU", "16×28×28"]
+    assert rows[-1] == ["layer3.0", "BasicBlock", "64×7×7"]
+    with pytest.raises(SystemExit) as exit_:  # one or the other, as argparse refuses
+        main(["layers", "resnet", "--units", "--conv"])
+    assert exit_.value.code == 2
+
+
+def test_dissection_takes_the_units_with_their_map_shapes(model):
+    from advinterp.analysis.dissection import map_layers
+
+    assert map_layers(model, ["units"]) == unit_layers(model)
+    assert map_layers(model, ["layer2.0.relu#1"]) == ["layer2.0.relu#1"]
+    with pytest.raises(UserError, match="not C×H×W maps"):
+        map_layers(model, ["fc"])

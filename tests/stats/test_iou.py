@@ -4,8 +4,9 @@ import torch.nn.functional as F
 
 from advinterp.errors import UserError
 from advinterp.io import read_state_dict, save_tensors
-from advinterp.stats import IoUCounts
+from advinterp.stats import DeferredIoU, IoUCounts, TopQuantile
 from advinterp.stats.iou import unit_masks
+from advinterp.stats.quantile import tail_window
 
 # Labels 1–3 are category 0 (pixel masks, two layers), 4–5 category 1 (image-level).
 LABEL_CATEGORY = [-1, 0, 0, 0, 1, 1]
@@ -133,3 +134,108 @@ def test_resampled_iou_is_the_iou_of_the_drawn_images(monkeypatch, sparse):
         counts.resampled(torch.ones(2, 5))
     with pytest.raises(UserError, match="per_image=True"):
         IoUCounts(3, 6, LABEL_CATEGORY).resampled(weights)
+
+
+# -- DeferredIoU: counts at thresholds known after the pass ---------------------------------
+
+
+def _stream(n=60, units=4, seed=0):
+    """Maps (ReLU'd: unit 0 is zero but for a few images, so its 0.9 quantile is a tie at 0)
+    and labels as ``_case``, for a pass in batches."""
+    gen = torch.Generator().manual_seed(seed)
+    maps = torch.relu(torch.randn(n, units, 3, 3, generator=gen))
+    maps[:, 0] *= torch.rand(n, 1, 1, generator=gen) < 0.1
+    pixels = torch.randint(0, 4, (n, 2, 6, 6), generator=gen)
+    pixels[1::7] = 0  # images with no pixel annotation
+    images = torch.randint(0, 3, (n, 2), generator=gen)
+    images[images > 0] += 3
+    return maps, {0: pixels, 1: images}
+
+
+def _deferred(maps, labels, q=0.9, batch=7, parts=1, **kwargs):
+    """A pass over ``maps`` in batches, split over ``parts`` shards taking batches in turn:
+    (their DeferredIoUs, TopQuantiles)."""
+    total = maps.shape[0] * 9
+    counts = [DeferredIoU(maps.shape[1], 6, LABEL_CATEGORY, **kwargs) for _ in range(parts)]
+    tops = [TopQuantile(maps.shape[1], q, total=total) for _ in range(parts)]
+    for i, start in enumerate(range(0, len(maps), batch)):
+        rows = slice(start, start + batch)
+        top, count = tops[i % parts], counts[i % parts]
+        top.add(maps[rows])
+        count.add(maps[rows], {k: v[rows] for k, v in labels.items()}, tail_window(top),
+                  bound=top.lower_bound())  # fmt: skip
+    return counts, tops
+
+
+def test_deferred_counts_are_a_second_pass_at_the_final_thresholds():
+    maps, labels = _stream()
+    (counts,), (top,) = _deferred(maps, labels)
+    thresholds = top.quantile()
+    assert thresholds[0] == 0  # a tie: the mask is the unit's nonzero pixels
+    assert not counts.binned and counts.exact(thresholds).all()
+    torch.testing.assert_close(
+        counts.result(thresholds), _brute_force(maps, thresholds, labels), rtol=0, atol=1e-12
+    )
+    second = IoUCounts(4, 6, LABEL_CATEGORY)
+    second.add(maps, thresholds, labels)
+    got = counts.counts(thresholds)
+    for name in ("intersection", "unit_area", "label_area"):
+        assert torch.equal(getattr(got, name), getattr(second, name)), name
+
+
+def test_deferred_counts_per_image_resample_like_a_second_pass():
+    from advinterp.stats.bootstrap import resample_counts
+
+    maps, labels = _stream(n=30, seed=1)
+    (counts,), (top,) = _deferred(maps, labels, per_image=True)
+    thresholds = top.quantile()
+    got = counts.counts(thresholds)
+    second = IoUCounts(4, 6, LABEL_CATEGORY, per_image=True)
+    second.add(maps, thresholds, labels)
+    weights = torch.cat([torch.ones(1, 30, dtype=torch.float64), resample_counts(30, 5, seed=0)])
+    torch.testing.assert_close(got.resampled(weights), second.resampled(weights))
+    torch.testing.assert_close(got.result(), _brute_force(maps, thresholds, labels))
+
+
+def test_binned_counts_stay_close_and_exact_at_a_tie():
+    maps, labels = _stream(n=300, seed=2)
+    (counts,), (top,) = _deferred(maps, labels, batch=20, exact_pixels=0)
+    thresholds = top.quantile()
+    assert counts.binned and counts.exact(thresholds).all()
+    got, want = counts.result(thresholds), _brute_force(maps, thresholds, labels)
+    assert (got - want).abs().max() < 5e-3
+    # A threshold at the low end of a unit's bins (its zeros) is on an edge: exact.
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("exact_pixels", [None, 0])
+def test_deferred_shards_merge_into_one_pass(tmp_path, exact_pixels):
+    maps, labels = _stream(n=84, seed=3)
+    (whole,), (top,) = _deferred(maps, labels, exact_pixels=exact_pixels)
+    shards, tops = _deferred(maps, labels, parts=3, exact_pixels=exact_pixels)
+    for other in tops[1:]:
+        tops[0].merge(other)
+    thresholds = top.quantile()
+    assert torch.equal(tops[0].quantile(), thresholds)
+    save_tensors(tmp_path / "d.safetensors", shards[2].state_dict())
+    resumed = DeferredIoU(4, 6, LABEL_CATEGORY, exact_pixels=exact_pixels)
+    resumed.load_state_dict(read_state_dict(tmp_path / "d.safetensors"))
+    shards[0].merge(shards[1])
+    shards[0].merge(resumed)
+    assert shards[0].count == 84
+    want = _brute_force(maps, thresholds, labels)
+    tolerance = 1e-12 if exact_pixels is None else 1e-2  # binned shards: re-binned, close
+    torch.testing.assert_close(shards[0].result(thresholds), want, rtol=0, atol=tolerance)
+    torch.testing.assert_close(whole.result(thresholds), want, rtol=0, atol=tolerance)
+
+
+def test_threshold_below_the_values_looked_at_is_flagged():
+    maps, labels = _stream(n=14, seed=4)
+    counts = DeferredIoU(4, 6, LABEL_CATEGORY)
+    high = maps.amax(dim=(0, 2, 3))
+    with pytest.raises(ValueError, match="needs a window"):
+        counts.add(maps, labels)
+    counts.add(maps, labels, (high * 0.9, high))
+    assert counts.exact(high * 0.95).all() and not counts.exact(high * 0.5).any()
+    with pytest.raises(ValueError, match="N×4×h×w"):
+        counts.add(maps[:, :3], labels)
