@@ -1,7 +1,7 @@
-"""LC, CS1 and CS2 of every unit of every conv layer, and the paper's Fig. 10.
+"""LC, CS1 and CS2 of every unit (read after batch norm and ReLU), and the paper's Fig. 10.
 
 One pass over the real images and their adversarial counterparts
-(:func:`~advinterp.analysis.paired.paired_pass`) records all conv layers at
+(:func:`~advinterp.analysis.paired.paired_pass`) records every unit (``layers``, default ``"units"``) at
 once and keeps, per unit, only its top 1% responses
 (:class:`advinterp.stats.TopK`). From the classes of those images
 (:func:`advinterp.metrics.semantics.unit_semantics`): ``p`` (true classes of the
@@ -161,7 +161,7 @@ def model_semantics(
     partial: str | Path | None = None,
     chunk: int | None = None,
 ) -> ModelSemantics:
-    """LC, CS1, CS2 per unit of ``layers`` (default every conv layer) of ``model``.
+    """LC, CS1, CS2 per unit of ``layers`` (default every unit, read after batch norm and ReLU) of ``model``.
 
     Args:
         pairs: real images and their adversarial counterparts
@@ -332,7 +332,7 @@ def plot_fig10(
     axes[0].set_ylabel("mean CS1 (solid), CS2 (dashed)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle(title or "Fig. 10: CS1 and CS2 against LC over all conv layers", fontsize=11)
+    fig.suptitle(title or "Fig. 10: CS1 and CS2 against LC over all units", fontsize=11)
     rows = math.ceil(len(labels) / 2)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.88, bottom=0.17 + 0.045 * rows, wspace=0.06)
     path = Path(path)

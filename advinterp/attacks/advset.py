@@ -256,7 +256,9 @@ def build_adversarial_set(
         **kwargs,
     }
     shard_dir = out / "shards"
-    world = _current_world()
+    from advinterp.distributed import current_world
+
+    world = current_world()
     if (out / "attack.json").exists() or shard_dir.exists():
         if not resume:
             raise UserError(
@@ -341,24 +343,6 @@ def _distances(
         l2.append(delta.norm(dim=1))
         linf.append(delta.abs().amax(dim=1))
     return torch.cat(l2), torch.cat(linf)
-
-
-def _current_world():
-    """The :class:`~advinterp.distributed.World` of an initialised process group, else one process."""
-    import torch.distributed as dist
-
-    from advinterp.distributed import World
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return World()
-    cuda = dist.get_backend() == "nccl"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    return World(
-        rank=dist.get_rank(),
-        size=dist.get_world_size(),
-        local_rank=local_rank,
-        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
-    )
 
 
 def choose_targets(

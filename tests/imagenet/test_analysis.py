@@ -121,7 +121,7 @@ def test_semantics_over_imagenet_classes(
     rc, stdout, err = run_cli(
         capsys,
         "semantics", "--model", "efficientnet_lite0", "--adversarial", opt_set,
-        "--fraction", "0.2", "--batch-size", "8", "--out", out,
+        "--fraction", "0.2", "--batch-size", "8", "--layers", "conv", "--out", out,
     )  # fmt: skip
     assert rc == 0, err
     with open(out / "units.csv", newline="") as f:
