@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 
 try:
-    from benches.common import machine, save_results
+    from benches.common import machine, noise_pairs, save_results
 except ModuleNotFoundError:  # run as a script: benches/ is on sys.path
-    from common import machine, save_results
+    from common import machine, noise_pairs, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 1.7
@@ -150,8 +150,7 @@ def main() -> None:
 def worker(args) -> None:
     """One process of ``torchrun``: run the pass ``--repeats`` times; process 0 writes the
     times and the per-unit table."""
-    from advinterp.analysis import PairedSets, model_semantics
-    from advinterp.attacks.advset import AdversarialSet
+    from advinterp.analysis import model_semantics
     from advinterp.data import open_dataset
     from advinterp.distributed import joined
     from advinterp.metrics.wordnet import similarity_matrix
@@ -161,24 +160,8 @@ def worker(args) -> None:
     torch.manual_seed(0)
     model = create_model("resnet").eval()
     data = open_dataset("fashion-mnist", "test", limit=args.images)
-    n = len(data)
-    gen = torch.Generator().manual_seed(0)
     x = data.images.float() / 255
-    noisy = (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp_(0, 1)
-    targets = torch.randint(0, 10, (n,), generator=gen)
-    preds = torch.where(torch.rand(n, generator=gen) < 0.9, targets, data.labels)
-    adversarial = AdversarialSet.from_tensors(
-        {
-            "images": noisy,
-            "labels": data.labels,
-            "targets": targets,
-            "preds": preds,
-            "clean_preds": data.labels,
-            "indices": torch.arange(n),
-        },
-        {"method": "noise", "stats": {"success_rate": 0.9, "mean_l2": 0.0}},
-    )
-    pairs = PairedSets(real=data, adversarial=adversarial)
+    pairs = noise_pairs(data)
     C = similarity_matrix(model.wnids)
     out = Path(args.worker)
     with joined() as world:

@@ -29,16 +29,15 @@ import time
 
 import torch
 
-from advinterp.analysis import PairedSets, model_semantics
-from advinterp.attacks.advset import AdversarialSet
+from advinterp.analysis import model_semantics
 from advinterp.data import batches, open_dataset
 from advinterp.metrics.wordnet import similarity_matrix
 from advinterp.models import create_model, load_model
 
 try:
-    from benches.common import interleave, machine, save_results
+    from benches.common import interleave, machine, noise_pairs, save_results
 except ModuleNotFoundError:  # run as a script: benches/ is on sys.path
-    from common import interleave, machine, save_results
+    from common import interleave, machine, noise_pairs, save_results
 
 GOAL = 0.8
 
@@ -57,24 +56,8 @@ def main() -> None:
 
     model = (load_model(args.model) if args.model else create_model("resnet")).eval()
     data = open_dataset("fashion-mnist", "test", limit=args.limit)
-    n = len(data)
-    gen = torch.Generator().manual_seed(0)
-    x = data.images.float() / 255
-    noisy = (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp_(0, 1)
-    targets = torch.randint(0, 10, (n,), generator=gen)
-    preds = torch.where(torch.rand(n, generator=gen) < 0.9, targets, data.labels)
-    adversarial = AdversarialSet.from_tensors(
-        {
-            "images": noisy,
-            "labels": data.labels,
-            "targets": targets,
-            "preds": preds,
-            "clean_preds": data.labels,
-            "indices": torch.arange(n),
-        },
-        {"method": "noise", "stats": {"success_rate": 0.9, "mean_l2": 0.0}},
-    )
-    pairs = PairedSets(real=data, adversarial=adversarial)
+    n, x = len(data), data.images.float() / 255
+    pairs = noise_pairs(data)
     C = similarity_matrix(model.wnids)  # cached on disk after the first run
 
     def plain() -> None:

@@ -107,3 +107,29 @@ def save_results(key: str, value: dict, path: Path = RESULTS) -> Path:
     data[key] = value
     write_json(path, data)
     return path
+
+
+def noise_pairs(data):
+    """``data`` paired with a stand-in adversarial set (seeded noise, 90% "fooled" to random
+    targets): what a pass over real and adversarial images costs, without an attack."""
+    from advinterp.analysis import PairedSets
+    from advinterp.attacks.advset import AdversarialSet
+
+    n = len(data)
+    gen = torch.Generator().manual_seed(0)
+    x = data.images.float() / 255
+    noisy = (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp_(0, 1)
+    targets = torch.randint(0, 10, (n,), generator=gen)
+    preds = torch.where(torch.rand(n, generator=gen) < 0.9, targets, data.labels)
+    adversarial = AdversarialSet.from_tensors(
+        {
+            "images": noisy,
+            "labels": data.labels,
+            "targets": targets,
+            "preds": preds,
+            "clean_preds": data.labels,
+            "indices": torch.arange(n),
+        },
+        {"method": "noise", "stats": {"success_rate": 0.9, "mean_l2": 0.0}},
+    )
+    return PairedSets(real=data, adversarial=adversarial)
