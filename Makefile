@@ -24,7 +24,7 @@ bench: $(STAMP)
 	$(PY) -m benches.bench_dissect
 	$(PY) -m benches.bench_advtrain
 	$(PY) -m benches.bench_scaling
-	$(PY) -m benches.bench_scaling_semantics
+	$(PY) -m benches.bench_scaling_passes
 	$(PY) -m benches.bench_streaming
 	$(PY) -m benches.summary
 

@@ -796,6 +796,14 @@ def _analysis_parsers(sub) -> None:
     p = sub.add_parser(
         "dissect",
         help="Network Dissection on a Broden-format probe, real vs adversarial (Table 1)",
+        description="Network Dissection (Bau et al. 2017) on a Broden-format probe, on its "
+        "real images and, with --adversarial, on their opt adversarial versions (Table 1). "
+        + _sharded_description(
+            "dissect",
+            "{real,adversarial}.partial",
+            "writes the tallies and Table 1 (with --adversarial each process attacks its "
+            "share of the probe's chunks too)",
+        ),
     )
     _model_args(p)
     p.add_argument(
@@ -835,6 +843,7 @@ def _analysis_parsers(sub) -> None:
         "--batch-size", type=_positive_int, default=100, help="images per forward pass (100)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the attack (0)")
+    _chunk_arg(p)
     p.add_argument(
         "--out",
         required=True,
@@ -1071,6 +1080,7 @@ def cmd_dissect(args) -> int:
     )
     from advinterp.data.broden import open_probe
     from advinterp.device import autocast
+    from advinterp.distributed import joined
     from advinterp.io import out_folder
     from advinterp.models import load_model
 
@@ -1097,8 +1107,9 @@ def cmd_dissect(args) -> int:
         f"dissecting {name} on {len(probe)} probe images ({probe.root}); "
         f"categories {', '.join(probe.category_names)}"
     )
+    # Under torchrun each process attacks and reads its share of the probe (see dissect).
     try:
-        with autocast(device, args.amp):
+        with joined() as world, autocast(device, args.amp):
             result = dissect_model(
                 model,
                 probe,
@@ -1109,15 +1120,24 @@ def cmd_dissect(args) -> int:
                 batch_size=args.batch_size,
                 seed=args.seed,
                 workers=workers,
+                world=world,
+                partials=out,
+                chunk=args.chunk,
             )
     except KeyboardInterrupt:
-        kept = " (the finished shards of the adversarial set are kept)" if args.adversarial else ""
         print(
-            f"advinterp: interrupted{kept}: run the same command again to resume",
+            "advinterp: interrupted: run the same command again to resume (the finished "
+            "chunks of the dissection"
+            + (" and shards of the adversarial set" if args.adversarial else "")
+            + " are kept)",
             file=sys.stderr,
         )
         return 130
+    if not world.is_main:  # process 0 speaks for all
+        return 0
     table = write_dissection(result, out, name=name)
+    for side in ("real", "adversarial"):
+        (out / f"{side}.partial").unlink(missing_ok=True)
     if result.attack:
         a = result.attack
         print(
@@ -1132,6 +1152,7 @@ def cmd_dissect(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from advinterp.attacks.base import check_positive
+    from advinterp.io import read_json
     from advinterp.reproduce import (
         DEFAULT,
         QUICK,

@@ -6,8 +6,8 @@ command and tells each its place through ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`
 group: gloo on CPUs, NCCL with one GPU per process (``cuda:LOCAL_RANK``) when
 CUDA is available. Without those variables the run is one process, as always.
 The verbs that take torchrun: ``advtrain`` (below), ``attack`` (each process
-attacks its share of the chunks), and the analysis passes ``evaluate``, ``topk``
-and ``semantics`` (each process reads its share of the batches and the
+attacks its share of the chunks), and the analysis passes ``evaluate``, ``topk``,
+``semantics`` and ``dissect`` (each process reads its share of the batches and the
 statistics are merged: :mod:`advinterp.tally`); process 0 writes and prints.
 :meth:`World.all_gather` and :meth:`World.broadcast` move small picklable
 objects (statistics' state dicts) between the processes.

@@ -6,14 +6,15 @@ images ``i·B … (i+1)·B − 1``, the last one shorter), and the batches into 
 of consecutive batches. :class:`Tally` walks the chunks:
 
 - **Processes.** Under ``torchrun --nproc-per-node N`` process ``r`` takes the
-  batches ``i`` of each chunk with ``i % N == r``: the batches of one process,
-  N at a time, so every image meets the model in the same batch and gives the
-  same numbers.
+  ``r``-th of N runs of consecutive batches of each chunk (their lengths differ by
+  at most one): the batches of one process, so every image meets the model in the
+  same batch and gives the same numbers.
 - **Merging.** At the end of each chunk every process's new statistics (their
   ``state_dict``, on the CPU) are gathered, and every process merges them, in
-  rank order, into the statistics of the chunks before. Exact statistics (top-k
-  stores, counts) come out bit for bit as from one process; a quantile sketch
-  within its rank error.
+  rank order, into the statistics of the chunks before: the images come in the
+  order one process reads them, so statistics kept image by image stay in it.
+  Exact statistics (top-k stores, counts) come out bit for bit as from one
+  process; a quantile sketch within its rank error.
 - **Resuming.** Given a ``partial`` file, process 0 rewrites it after each chunk
   (atomically): the merged statistics' state dicts, the chunks and images done,
   and the pass's ``fingerprint`` (its settings, the model's weights). The same
@@ -142,7 +143,8 @@ class Tally:
     def _mine(self, c: int) -> list[int]:
         first = c * self.chunk_batches
         last = min(first + self.chunk_batches, self.n_batches)
-        return [i for i in range(first, last) if i % self.world.size == self.world.rank]
+        share = self.world.shard(last - first)
+        return list(range(first + share.start, first + share.stop))
 
     def remaining(self) -> int:
         """Batches this process has left to run (a progress bar's total)."""

@@ -30,7 +30,8 @@ BENCHES = {
     "dissect": "python -m benches.bench_dissect",
     "advtrain": "python -m benches.bench_advtrain",
     "scaling_ranks": "python -m benches.bench_scaling",
-    "scaling_semantics": "python -m benches.bench_scaling_semantics",
+    "scaling_semantics": "python -m benches.bench_scaling_passes --passes semantics",
+    "scaling_dissect": "python -m benches.bench_scaling_passes --passes dissect",
     "streaming": "python -m benches.bench_streaming",
 }
 
@@ -172,7 +173,6 @@ def dissect_rows(r: dict) -> list[Row]:
                 f"{u['us_per_image_unit']:.1f} µs per image per unit ({u['ips']:.0f} img/s)",
             )
         )
-    rows.append(info_row("dissect", "processes", "1 (dissection is not sharded over ranks)"))
     return rows
 
 
@@ -209,10 +209,12 @@ def ranks_rows(r: dict) -> list[Row]:
         for p in r["points"]
     ]
     rows.append(
-        info_row(
+        ratio_row(
             "scaling_ranks",
-            f"speed-up, {r['points'][-1]['ranks']} ranks ÷ 1",
-            f"{r['speedup']:.2f}× (ideal {r['points'][-1]['ranks']}×, {r['cpu_count']} cores)",
+            f"speed-up, {r['points'][-1]['ranks']} ranks ÷ 1 ({r['cpu_count']} cores)",
+            r["speedup"],
+            r.get("goal", 1.7),
+            "≥",
         )
     )
     rows.append(
@@ -223,20 +225,22 @@ def ranks_rows(r: dict) -> list[Row]:
     return rows
 
 
-def semantics_ranks_rows(r: dict) -> list[Row]:
+def pass_ranks_rows(r: dict) -> list[Row]:
+    name = r.get("pass", "semantics")
     one, two = r["points"]
+    what = "per-unit tables" if name == "semantics" else "IoU and thresholds"
     return [
         ratio_row(
-            "scaling_semantics",
-            f"semantics pass, 2 processes ÷ 1 ({two['ips']:.0f} ÷ {one['ips']:.0f} img/s, "
+            f"scaling_{name}",
+            f"{name} pass, 2 processes ÷ 1 ({two['ips']:.0f} ÷ {one['ips']:.0f} img/s, "
             f"{r['cpu_count']} cores)",
             r["ratio"],
             r["goal"],
             "≥",
         ),
         info_row(
-            "scaling_semantics",
-            "per-unit tables bit-identical across process counts",
+            f"scaling_{name}",
+            f"{what} bit-identical across process counts",
             str(r["identical"]).lower(),
         ),
     ]
@@ -263,7 +267,8 @@ ROWS: dict[str, Callable[[dict], list[Row]]] = {
     "dissect": dissect_rows,
     "advtrain": advtrain_rows,
     "scaling_ranks": ranks_rows,
-    "scaling_semantics": semantics_ranks_rows,
+    "scaling_semantics": pass_ranks_rows,
+    "scaling_dissect": pass_ranks_rows,
     "streaming": streaming_rows,
 }
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from advinterp.attacks.advset import AdversarialSet, build_adversarial_set, default_chunk
 from advinterp.data.broden import BrodenProbe, collate_masks, probe_batches
+from advinterp.distributed import World
 from advinterp.errors import UserError
 from advinterp.io import atomic_replace, read_json, save_tensors, write_json
 from advinterp.metrics.dissect import Dissection, dissect
@@ -176,9 +177,20 @@ class _AdversarialProbe:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         for images, pos in self.adversarial.batches(self.batch_size):
-            idx = self.adversarial.indices[pos]
-            masks = collate_masks([self.probe.masks(int(i)) for i in idx], self.probe.mask_size)
-            yield images, masks
+            yield images, self._masks(pos)
+
+    def numbered(
+        self, numbers: Sequence[int]
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Batches ``numbers`` of a pass (as the probe's, :func:`probe_batches`)."""
+        n, b = len(self.adversarial), self.batch_size
+        for i in numbers:
+            start, stop = i * b, min((i + 1) * b, n)
+            yield self.adversarial.rows(start, stop), self._masks(torch.arange(start, stop))
+
+    def _masks(self, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        idx = self.adversarial.indices[pos]
+        return collate_masks([self.probe.masks(int(i)) for i in idx], self.probe.mask_size)
 
 
 def adversarial_probe_batches(
@@ -226,6 +238,9 @@ def dissect_model(
     progress: bool = True,
     attack_options: Mapping[str, object] | None = None,
     per_image: bool = False,
+    world: World | None = None,
+    partials: str | Path | None = None,
+    chunk: int | None = None,
 ) -> DissectionResult:
     """Dissect ``layers`` (default :func:`default_dissect_layers`) of ``model`` on ``probe``.
 
@@ -234,17 +249,35 @@ def dissect_model(
     resumes it) and the adversarial images are dissected too. ``attack_options``
     (``lam``, ``steps``, ``keep``) go to the attack; a set made with other ones is rebuilt.
     ``per_image`` keeps the IoU counts per probe image (for a bootstrap of Table 1).
+
+    Under ``torchrun`` (``world``, :func:`advinterp.distributed.joined`) each process
+    attacks its share of the probe's chunks and reads its share of every pass; the
+    statistics are merged (:func:`~advinterp.metrics.dissect.dissect`), so every process
+    returns the result of one. With ``partials`` (a folder) each side's pass is
+    checkpointed every ``chunk`` images into ``real.partial`` / ``adversarial.partial``
+    there and a killed run resumes from them; the caller removes them once the results
+    are written.
     """
+    world = world or World()
     layers = map_layers(model, layers if layers else default_dissect_layers(model))
-    common = dict(
-        categories=probe.categories,
-        labels=probe.labels,
-        quantile=quantile,
-        iou_threshold=iou_threshold,
-        progress=progress,
-        per_image=per_image,
-    )
-    real = dissect(model, layers, probe_batches(probe, batch_size, workers), **common)
+    identity = {"probe": str(probe.root), "images": len(probe), "size": probe.input_size}
+
+    def common(side: str, extra: Mapping | None = None) -> dict:
+        return dict(
+            categories=probe.categories,
+            labels=probe.labels,
+            quantile=quantile,
+            iou_threshold=iou_threshold,
+            progress=progress,
+            per_image=per_image,
+            world=world,
+            partial=None if partials is None else Path(partials) / f"{side}.partial",
+            chunk=chunk,
+            fingerprint={**identity, **dict(extra or {})},
+            desc=f"dissect {side}",
+        )
+
+    real = dissect(model, layers, probe_batches(probe, batch_size, workers), **common("real"))
     result = DissectionResult(
         real=real,
         probe=str(probe.root),
@@ -254,12 +287,14 @@ def dissect_model(
     if adversarial is not None:
         adversarial = Path(adversarial)
         images = _ProbeImages(probe)
-        chunk = default_chunk((model.in_chans, probe.input_size, probe.input_size))
+        attack_chunk = default_chunk((model.in_chans, probe.input_size, probe.input_size))
         spec = _model_fingerprint(model)
         options = dict(attack_options or {})
         expected = {"model": spec, "dataset": images.name, "n": len(images), "seed": seed}
         expected |= options
-        _drop_foreign_set(adversarial, expected | {"chunk": chunk}, progress)
+        if world.is_main:
+            _drop_foreign_set(adversarial, expected | {"chunk": attack_chunk}, progress)
+        world.barrier()
         meta = build_adversarial_set(
             model,
             images,
@@ -269,7 +304,7 @@ def dissect_model(
             target="least-likely",
             seed=seed,
             batch_size=attack_batch_size,
-            chunk=chunk,
+            chunk=attack_chunk,
             resume=True,
             model_spec=spec,
             progress=progress,
@@ -287,7 +322,10 @@ def dissect_model(
             "mean_linf": stats.get("mean_linf"),
         }
         result.adversarial = dissect(
-            model, layers, _AdversarialProbe(adversarial, probe, batch_size), **common
+            model,
+            layers,
+            _AdversarialProbe(adversarial, probe, batch_size),
+            **common("adversarial", {"attack": expected | {"chunk": attack_chunk}}),
         )
     return result
 

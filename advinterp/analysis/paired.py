@@ -499,7 +499,7 @@ def paired_pass(
 
     Args:
         world: the processes (:func:`advinterp.distributed.joined`); each records
-            the batches ``i`` with ``i % N == rank`` of every chunk and the stores
+            its share of the batches of every chunk (:class:`~advinterp.tally.Tally`) and the stores
             are merged after each chunk, equal bit for bit to one process's (ties
             go to the smaller position, :class:`~advinterp.stats.TopK`).
         partial: a file to checkpoint the stores into after every chunk of

@@ -143,7 +143,7 @@ class AdversarialSet:
             raise UserError(f"the batch size must be at least 1, got {batch_size}")
         for start in range(0, len(self), batch_size):
             stop = min(start + batch_size, len(self))
-            yield self._rows(start, stop), torch.arange(start, stop)
+            yield self.rows(start, stop), torch.arange(start, stop)
 
     def images_at(self, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The images at ``positions`` (any order, repeats allowed), stacked ``N×C×H×W``."""
@@ -164,7 +164,7 @@ class AdversarialSet:
                     out[r] = images[local : local + 1][0]
         return out
 
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
+    def rows(self, start: int, stop: int) -> torch.Tensor:
         """Images ``start`` to ``stop`` (exclusive), read from the shards that hold them."""
         if self._memory is not None:
             return self._memory[start:stop]
@@ -200,7 +200,7 @@ def load_adversarial_set(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     streams sets through :class:`AdversarialSet`.
     """
     adv = AdversarialSet(path)
-    return {"images": adv._rows(0, len(adv)), **adv.tensors()}, adv.meta
+    return {"images": adv.rows(0, len(adv)), **adv.tensors()}, adv.meta
 
 
 def build_adversarial_set(

@@ -328,13 +328,27 @@ class _ProbeLoader:
         return x, masks
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        loader = torch.utils.data.DataLoader(
-            self.probe,
+        yield from self._load(self.probe)
+
+    def numbered(
+        self, numbers: Sequence[int]
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Batches ``numbers`` (ascending) of a pass, batch ``i`` holding images
+        ``i·B … (i+1)·B − 1``: only those images read (a share of a pass, see
+        :class:`~advinterp.tally.Tally`)."""
+        n, b = len(self.probe), self.batch_size
+        rows = [j for i in numbers for j in range(i * b, min((i + 1) * b, n))]
+        if rows:
+            yield from self._load(torch.utils.data.Subset(self.probe, rows))
+
+    def _load(self, dataset) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        yield from torch.utils.data.DataLoader(
+            dataset,
             batch_size=self.batch_size,
             num_workers=self.workers,
             collate_fn=self._collate,
+            pin_memory=torch.cuda.is_available(),
         )
-        yield from loader
 
 
 def probe_batches(probe: BrodenProbe, batch_size: int = 100, workers: int = 0) -> _ProbeLoader:

@@ -78,7 +78,7 @@ def table2(
     image folder is decoded by ``workers`` processes.
 
     ``world`` (:func:`advinterp.distributed.joined`): each process evaluates the batches
-    ``i`` with ``i % N == rank`` of every chunk, and every process returns the row of
+    of its share of every chunk (:class:`~advinterp.tally.Tally`), and every process returns the row of
     all the images. ``partial``: a file the hit counts are checkpointed into every
     ``chunk`` images; the same call after a kill resumes from it. The caller removes
     it once the row is written.

@@ -24,18 +24,22 @@ pass ``iou_threshold=0.4`` to follow its text.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from advinterp.distributed import World
 from advinterp.errors import UserError
 from advinterp.progress import progress as tqdm
 from advinterp.record import Recorder
 from advinterp.stats import DeferredIoU, IoUCounts, TopQuantile
 from advinterp.stats.iou import Concepts
 from advinterp.stats.quantile import tail_window
+from advinterp.tally import Tally, weights_fingerprint
 
 __all__ = ["Dissection", "UnitConcept", "dissect", "label_categories"]
 
@@ -150,6 +154,11 @@ def dissect(
     per_image: bool = False,
     bins: int = 64,
     exact_pixels: int | None = DeferredIoU.EXACT_PIXELS,
+    world: World | None = None,
+    partial: str | Path | None = None,
+    chunk: int | None = None,
+    fingerprint: Mapping | None = None,
+    desc: str = "dissect",
 ) -> Dissection | dict[str, Dissection]:
     """Dissect one layer (or several, in the same pass) of ``model`` on a probe.
 
@@ -179,6 +188,14 @@ def dissect(
             layer one by one, so that the counts are exact (the embedded probe's 3,000
             images need a third of the default), then in ``bins`` bins around each
             unit's threshold.
+        world, partial, chunk, fingerprint: with batches that can be read by number (a
+            probe's, :func:`~advinterp.data.broden.probe_batches`, or the adversarial
+            side's), the pass goes through a :class:`~advinterp.tally.Tally`: under
+            ``torchrun`` each process (``world``) reads its share of every chunk of
+            ``chunk`` images and the statistics are merged after each (the same
+            thresholds and IoU as one process: exact, unless the counts were binned);
+            ``partial`` is a file they are checkpointed into after each chunk, from
+            which the same pass (``fingerprint``: what else makes it the same) resumes.
 
     Returns a :class:`Dissection` for one layer name, ``{layer: Dissection}`` for a list.
 
@@ -190,77 +207,149 @@ def dissect(
     del resolution
     if not 0 < quantile < 1:
         raise UserError(f"quantile must be in (0, 1), got {quantile}")
+    world = world or World()
     batches = batches() if callable(batches) else batches
     images = _probe_images(batches)
+    numbered = getattr(batches, "numbered", None)
+    if numbered is None and (world.size > 1 or partial is not None):
+        raise ValueError(
+            "dissecting across processes or resumably needs batches read by number "
+            "(probe_batches, adversarial_probe_batches)"
+        )
+    if images == 0:
+        raise UserError("the probe is empty: no images to dissect")
     label_category = label_categories(categories, len(labels))
     names = list(categories)
     index = {name: k for k, name in enumerate(names)}
     layers = [layer] if isinstance(layer, str) else list(layer)
     model.eval()
-    tops: dict[str, TopQuantile] = {}
-    counts: dict[str, DeferredIoU] = {}
-    looked: dict[str, int] = {}
-    bounds: dict[str, torch.Tensor] = {}
     with (
         Recorder(model, layers, reduce=None, keep_maps=layers, stop=True) as rec,
         torch.inference_mode(),
     ):
-        for x, masks in tqdm(batches, desc="dissect", disable=not progress):
-            unknown = set(masks) - set(index)
-            if unknown:
-                raise UserError(f"probe masks name categories {sorted(unknown)} not among {names}")
-            rec(x)
-            device = rec.maps[rec.layers[0]].device
-            concepts = Concepts(
-                {index[k]: v for k, v in masks.items()}, len(labels), len(names), device=device
-            )
-            for name in rec.layers:
-                maps = rec.maps[name]
-                if maps.dim() != 4:
+        # The layers' shapes, from the first batch (kept, as the pass's first) or, when
+        # the pass is read by number, from its first image.
+        if numbered is None:
+            stream = iter(batches)
+            first = next(stream, None)
+            if first is None:
+                raise UserError("the probe is empty: no images to dissect")
+            rec(first[0])
+        else:
+            rec(next(iter(numbered([0])))[0][:1])
+        shapes = {name: tuple(rec.maps[name].shape[1:]) for name in rec.layers}
+        for name, shape in shapes.items():
+            if len(shape) != 3:
+                raise UserError(
+                    f"layer {name} gives {len(shape) + 1}-D output: dissect a conv layer"
+                )
+
+        def make() -> dict[str, object]:
+            stats: dict[str, object] = {}
+            for name, (units, h, w) in shapes.items():
+                total = None if images is None else images * h * w
+                stats[f"top:{name}"] = TopQuantile(units, quantile, total=total)
+                stats[f"iou:{name}"] = DeferredIoU(
+                    units,
+                    len(labels),
+                    label_category,
+                    len(names),
+                    bins=bins,
+                    per_image=per_image,
+                    exact_pixels=exact_pixels,
+                )
+            return stats
+
+        def feed(stream, fresh, before, bar, recorded: bool = False) -> None:
+            """Fold ``stream``'s batches into ``fresh`` (the first already ``recorded``);
+            each unit's window comes from the thresholds' store of the chunks ``before``
+            (the same on every process), or in the first chunk from this one's values."""
+            looked = dict.fromkeys(rec.layers, 0)
+            bounds: dict[str, torch.Tensor] = {}
+            for x, masks in stream:
+                unknown = set(masks) - set(index)
+                if unknown:
                     raise UserError(
-                        f"layer {name} gives {maps.dim()}-D output: dissect a conv layer"
+                        f"probe masks name categories {sorted(unknown)} not among {names}"
                     )
-                if name not in tops:
-                    total = None if images is None else images * maps.shape[2] * maps.shape[3]
-                    tops[name] = TopQuantile(maps.shape[1], quantile, total=total)
-                    counts[name] = DeferredIoU(
-                        maps.shape[1],
-                        len(labels),
-                        label_category,
-                        len(names),
-                        bins=bins,
-                        per_image=per_image,
-                        exact_pixels=exact_pixels,
-                    )
-                    looked[name] = 0
-                top = tops[name]
-                top.add(maps)
-                # The window where a threshold will lie moves less and less as values come:
-                # read it again each time the values grew by an eighth.
-                window = None
-                if top.count >= looked[name] * 1.125:
-                    window, bounds[name], looked[name] = (
-                        tail_window(top),
-                        top.lower_bound(),
-                        top.count,
-                    )
-                counts[name].add(maps, concepts, window, bound=bounds[name])
-    if not tops:
-        raise UserError("the probe is empty: no images to dissect")
+                if not recorded:
+                    rec(x)
+                recorded = False
+                device = rec.maps[rec.layers[0]].device
+                concepts = Concepts(
+                    {index[k]: v for k, v in masks.items()}, len(labels), len(names), device=device
+                )
+                for name in rec.layers:
+                    maps = rec.maps[name]
+                    top, counts = fresh[f"top:{name}"], fresh[f"iou:{name}"]
+                    top.add(maps)
+                    guide = before[f"top:{name}"] if before[f"top:{name}"].count else top
+                    # The window where a threshold will lie moves less and less as values
+                    # come: read it again each time the values grew by an eighth.
+                    window = None
+                    if counts.low is None or guide.count >= looked[name] * 1.125:
+                        window = tuple(t.to(device) for t in tail_window(guide))
+                        bounds[name] = guide.lower_bound().to(device)
+                        looked[name] = guide.count
+                    counts.add(maps, concepts, window, bound=bounds[name])
+                bar.update()
+
+        if numbered is None:
+            stats = make()
+            with tqdm(
+                total=len(batches) if hasattr(batches, "__len__") else None,
+                desc=desc,
+                disable=not progress,
+            ) as bar:
+                feed(itertools.chain([first], stream), stats, stats, bar, recorded=True)
+        else:
+            tally = Tally(
+                make,
+                images,
+                batches.batch_size,
+                chunk=chunk,
+                world=world,
+                partial=partial,
+                fingerprint={
+                    "pass": "dissect",
+                    "model": weights_fingerprint(model),
+                    "layers": list(rec.layers),
+                    "labels": len(labels),
+                    "categories": {k: list(v) for k, v in categories.items()},
+                    "quantile": quantile,
+                    "bins": bins,
+                    "exact_pixels": exact_pixels,
+                    "per_image": per_image,
+                    **dict(fingerprint or {}),
+                },
+                progress=progress,
+                desc=desc,
+            )
+            with tqdm(
+                total=tally.remaining(), desc=desc, disable=not (progress and world.is_main)
+            ) as bar:
+                for numbers in tally.chunks():
+                    fresh = make()
+                    feed(numbered(numbers), fresh, tally.stats, bar)
+                    tally.commit(fresh)
+            stats = tally.stats
     results = {}
     for name in rec.layers:
-        thresholds = tops[name].quantile()
-        _warn_inexact(name, tops[name].exact(), counts[name].exact(thresholds))
-        tally = counts[name].counts(thresholds)
+        top, counts = stats[f"top:{name}"], stats[f"iou:{name}"]
+        if top.count == 0:
+            raise UserError("the probe is empty: no images to dissect")
+        thresholds = top.quantile()
+        _warn_inexact(name, top.exact(), counts.exact(thresholds))
+        tally_counts = counts.counts(thresholds)
         results[name] = Dissection(
             layer=name,
             thresholds=thresholds.cpu(),
-            iou=tally.result().cpu(),
+            iou=tally_counts.result().cpu(),
             labels=list(labels),
             categories=names,
             label_category=label_category,
             iou_threshold=iou_threshold,
-            counts=tally if per_image else None,
+            counts=tally_counts if per_image else None,
         )
     return results[rec.layers[0]] if isinstance(layer, str) else results
 

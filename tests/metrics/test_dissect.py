@@ -180,12 +180,19 @@ def _two_pass(model, layers, batches, probe, per_image=False):
     return out
 
 
-def test_one_pass_is_exact_network_dissection_on_the_embedded_probe(embedded):
+@pytest.mark.parametrize("chunk", [None, 100], ids=["one pass", "chunks of 100 images"])
+def test_one_pass_is_exact_network_dissection_on_the_embedded_probe(embedded, chunk):
+    from advinterp.data.broden import probe_batches
+
     model, probe, batches = embedded
     layers = ["layer2", "layer3"]
     exact = _two_pass(model, layers, batches, probe)
-    ours = dissect(model, layers, batches, probe.categories, probe.labels)
-    binned = dissect(model, layers, batches, probe.categories, probe.labels, exact_pixels=0)
+    # In chunks (as across processes and resumably): statistics merged after each.
+    source = batches if chunk is None else probe_batches(probe, 50)
+    ours = dissect(model, layers, source, probe.categories, probe.labels, chunk=chunk)
+    binned = dissect(
+        model, layers, source, probe.categories, probe.labels, exact_pixels=0, chunk=chunk
+    )
     for layer, (thresholds, counts) in exact.items():
         assert torch.equal(ours[layer].thresholds, thresholds)
         torch.testing.assert_close(ours[layer].iou, counts.result(), rtol=0, atol=1e-12)
@@ -200,6 +207,7 @@ def test_one_pass_is_exact_network_dissection_on_the_embedded_probe(embedded):
 
 
 def test_per_image_counts_resample_as_a_second_pass(embedded):
+    from advinterp.data.broden import probe_batches
     from advinterp.stats.bootstrap import resample_counts
 
     model, probe, batches = embedded
@@ -207,6 +215,12 @@ def test_per_image_counts_resample_as_a_second_pass(embedded):
     ours = dissect(model, "layer3", batches, probe.categories, probe.labels, per_image=True)
     weights = resample_counts(len(probe), 20, seed=0)
     torch.testing.assert_close(ours.counts.resampled(weights), counts.resampled(weights))
+    # Merged from chunks, the images stay in the probe's order.
+    chunked = dissect(
+        model, "layer3", probe_batches(probe, 50), probe.categories, probe.labels,
+        per_image=True, chunk=150,
+    )  # fmt: skip
+    torch.testing.assert_close(chunked.counts.resampled(weights), counts.resampled(weights))
     assert torch.equal(
         ours.interpretable_resampled(weights),
         Dissection(
