@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from advinterp.advtrain import AdvTrainConfig, FeatureTap, advtrain, sharded_step
 from advinterp.data import FASHION_CLASSES, TensorImageSet
@@ -29,6 +28,8 @@ from advinterp.errors import UserError
 from advinterp.io import read_json, read_state_dict
 from advinterp.models import create_model
 from advinterp.train import TrainConfig, run_epoch, sgd, train
+
+from .ddp import on_two_processes, one_process, relative_change
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,54 +95,25 @@ def _train_float64(world: World, sync_bn: bool = True) -> dict:
     return {"state": model.net.state_dict(), "loss": loss, "top1": top1}
 
 
-def _float64_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
-    try:
-        with joined() as world:  # the group set up above: used, left open
-            runs = {"global": _train_float64(world), "local": _train_float64(world, False)}
-        torch.save(runs, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _relative_change(a: dict, b: dict, init: dict, keys) -> float:
-    """‖a − b‖ / ‖b − init‖ over the tensors ``keys``: error against the training's own change."""
-
-    def flat(d):
-        return torch.cat([d[k].double().flatten() for k in keys])
-
-    return float((flat(a) - flat(b)).norm() / (flat(b) - flat(init)).norm())
+def _float64_runs(world: World) -> dict:
+    return {"global": _train_float64(world), "local": _train_float64(world, False)}
 
 
 def test_sharded_float64_step_matches_one_process(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        mp.spawn(
-            _float64_worker,
-            args=(2, str(tmp_path / "rendezvous"), str(tmp_path)),
-            nprocs=2,
-            join=True,
-        )
-        one = _train_float64(World())
-        torch.manual_seed(0)
-        init = create_model("resnet").double().net.state_dict()
-    finally:
-        torch.set_num_threads(threads)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = on_two_processes(_float64_runs, tmp_path)
+    one = one_process(_train_float64)
+    torch.manual_seed(0)
+    init = create_model("resnet").double().net.state_dict()
     params = [k for k in init if "running" not in k and "num_batches" not in k]
     stats = [k for k in init if "running" in k]
     for k in init:  # the processes hold one model
         assert torch.equal(ranks[0]["global"]["state"][k], ranks[1]["global"]["state"][k])
     ddp = ranks[0]["global"]
-    assert _relative_change(ddp["state"], one["state"], init, params) < 1e-9
-    assert _relative_change(ddp["state"], one["state"], init, stats) < 1e-9
+    assert relative_change(ddp["state"], one["state"], init, params) < 1e-9
+    assert relative_change(ddp["state"], one["state"], init, stats) < 1e-9
     assert ddp["loss"] == pytest.approx(one["loss"], rel=1e-9) and ddp["top1"] == one["top1"]
     # The test can fail: batch norm over each process's rows only is another training.
-    assert _relative_change(ranks[0]["local"]["state"], one["state"], init, params) > 1e-3
+    assert relative_change(ranks[0]["local"]["state"], one["state"], init, params) > 1e-3
 
 
 # -- float32, end to end through torchrun --------------------------------------------------------
@@ -202,8 +174,8 @@ def test_torchrun_matches_one_process(tmp_path):
     )
     params = [k for k in w0 if "running" not in k and "num_batches" not in k]
     stats = [k for k in w0 if "running" in k]
-    assert _relative_change(ddp, one, w0, params) < 0.05
-    assert _relative_change(ddp, one, w0, stats) < 0.01
+    assert relative_change(ddp, one, w0, params) < 0.05
+    assert relative_change(ddp, one, w0, stats) < 0.01
     for k in w0:
         if "num_batches" in k:
             assert torch.equal(ddp[k], one[k])  # 4 steps × 2 forward passes
@@ -211,4 +183,4 @@ def test_torchrun_matches_one_process(tmp_path):
     assert h_ddp["train_loss"] == pytest.approx(h_one["train_loss"], rel=1e-3)
     assert abs(h_ddp["train_top1"] - h_one["train_top1"]) <= 100 / 197 + 1e-9  # one image
     # The test can fail: another seed (data order, augmentation, ε) is far outside it.
-    assert _relative_change(seed1, one, w0, params) > 0.3
+    assert relative_change(seed1, one, w0, params) > 0.3

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from advinterp.distributed import World, current_world
+from advinterp.distributed import World
 from advinterp.stats import Quantile, TopK
 from advinterp.stats.counts import Counts
 from advinterp.tally import Tally, numbered_batches
+
+from .ddp import on_two_processes
 
 N, UNITS, BATCH, CHUNK, K = 1000, 6, 32, 160, 25  # 32 batches, chunks of 5, the last of 2
 
@@ -122,26 +122,16 @@ def _quantile_within_rank_error(sketch: Quantile, q: float = 0.9, tol: float = 0
     assert bool((below <= q + tol).all()) and bool((at_most >= q - tol).all()), (below, at_most)
 
 
-def _worker(rank: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        world = current_world()
-        whole, ran = run(world=world)
-        resumed, ran_resumed = run(world=world, partial=f"{out}/from-one.partial")
-        q = whole.stats["q"].state_dict()
-        torch.save(
-            {
-                "whole": exact(whole),
-                "resumed": exact(resumed),
-                "q": q,
-                "ran": ran,
-                "ran_resumed": ran_resumed,
-            },
-            f"{out}/rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+def _two_process_runs(world: World, out: str) -> dict:
+    whole, ran = run(world=world)
+    resumed, ran_resumed = run(world=world, partial=f"{out}/from-one.partial")
+    return {
+        "whole": exact(whole),
+        "resumed": exact(resumed),
+        "q": whole.stats["q"].state_dict(),
+        "ran": ran,
+        "ran_resumed": ran_resumed,
+    }
 
 
 def test_two_processes_give_the_one_process_statistics(tmp_path):
@@ -150,8 +140,7 @@ def test_two_processes_give_the_one_process_statistics(tmp_path):
     one, _ = run()
     with pytest.raises(Killed):
         run(partial=tmp_path / "from-one.partial", kill_at=17)  # 3 chunks done
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = on_two_processes(_two_process_runs, tmp_path, str(tmp_path))
     assert sorted(ranks[0]["ran"] + ranks[1]["ran"]) == list(range(32))
     assert sorted(ranks[0]["ran_resumed"] + ranks[1]["ran_resumed"]) == list(range(15, 32))
     for r in ranks:

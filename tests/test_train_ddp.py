@@ -22,13 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
 
 from advinterp.data import FASHION_CLASSES, ImageFolderSet, TensorImageSet
-from advinterp.distributed import GlobalBatchNorm, World, global_batch_norm, joined
+from advinterp.distributed import GlobalBatchNorm, World, global_batch_norm
 from advinterp.errors import UserError
 from advinterp.models import create_model
 from advinterp.train import (
@@ -38,6 +36,8 @@ from advinterp.train import (
     run_epoch,
     sgd,
 )
+
+from .ddp import on_two_processes, one_process, relative_change
 
 N_IMAGES, BATCH = 45, 16  # batches of 16, 16 and 13 (7 + 6 rows: an uneven split)
 WNIDS = ["n01440764", "n02123045", "n02124075"]
@@ -109,48 +109,19 @@ def _runs(world: World, folder: Path, workers: int, local_bn: bool) -> dict:
     return runs
 
 
-def _worker(rank: int, world_size: int, init_file: str, folder: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
-    try:
-        with joined() as world:  # the group set up above: used, left open
-            # Decoding in-process here (a DataLoader worker of a process started by
-            # multiprocessing's spawn is spawned too, seconds per epoch); the one-process
-            # run decodes in a worker, so the crops must not depend on where they are made.
-            runs = _runs(world, Path(folder), workers=0, local_bn=True)
-        torch.save(runs, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _relative_change(a: dict, b: dict, init: dict, keys) -> float:
-    """‖a − b‖ / ‖b − init‖ over the tensors ``keys``: error against the training's own change."""
-
-    def flat(d):
-        return torch.cat([d[k].double().flatten() for k in keys])
-
-    return float((flat(a) - flat(b)).norm() / (flat(b) - flat(init)).norm())
+def _two_process_runs(world: World, folder: Path) -> dict:
+    # Decoding in-process here (a DataLoader worker of a process started by multiprocessing's
+    # spawn is spawned too, seconds per epoch); the one-process run decodes in a worker, so
+    # the crops must not depend on where they are made.
+    return _runs(world, folder, workers=0, local_bn=True)
 
 
 def test_two_processes_train_like_one(tmp_path):
     folder = tmp_path / "train"
     _write_folder(folder)
     assert len(ImageFolderSet(folder, WNIDS)) == 22
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        mp.spawn(
-            _worker,
-            args=(2, str(tmp_path / "rendezvous"), str(folder), str(tmp_path)),
-            nprocs=2,
-            join=True,
-        )
-        one = _runs(World(), folder, workers=1, local_bn=False)
-    finally:
-        torch.set_num_threads(threads)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = on_two_processes(_two_process_runs, tmp_path, folder)
+    one = one_process(_runs, folder, 1, False)
     torch.manual_seed(0)
     inits = {
         "memory": create_model("resnet").double().net.state_dict(),
@@ -162,8 +133,8 @@ def test_two_processes_train_like_one(tmp_path):
         for k in init:  # the processes hold one model
             assert torch.equal(ranks[0][name]["state"][k], ranks[1][name]["state"][k]), (name, k)
         ddp = ranks[0][name]
-        assert _relative_change(ddp["state"], one[name]["state"], init, params) < 1e-9, name
-        assert _relative_change(ddp["state"], one[name]["state"], init, stats) < 1e-9, name
+        assert relative_change(ddp["state"], one[name]["state"], init, params) < 1e-9, name
+        assert relative_change(ddp["state"], one[name]["state"], init, stats) < 1e-9, name
         for (loss_ddp, top1_ddp), (loss_one, top1_one) in zip(
             ddp["history"], one[name]["history"], strict=True
         ):
@@ -171,7 +142,7 @@ def test_two_processes_train_like_one(tmp_path):
     # The test can fail: batch norm over each process's rows only is another training.
     init = inits["memory"]
     params = [k for k in init if "running" not in k and "num_batches" not in k]
-    assert _relative_change(ranks[0]["local"]["state"], one["memory"]["state"], init, params) > 1e-3
+    assert relative_change(ranks[0]["local"]["state"], one["memory"]["state"], init, params) > 1e-3
 
 
 def test_what_several_processes_cannot_do_is_one_line():

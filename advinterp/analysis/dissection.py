@@ -22,7 +22,6 @@ folder always describes one dissection.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +39,7 @@ from advinterp.io import atomic_replace, read_json, save_tensors, write_json
 from advinterp.metrics.dissect import Dissection, dissect
 from advinterp.models import layer_shapes
 from advinterp.record import Recorder, resolve_layers
+from advinterp.tally import weights_fingerprint
 
 __all__ = [
     "DissectionResult",
@@ -119,11 +119,7 @@ def map_layers(model, layers: Sequence[str]) -> list[str]:
 
 def _model_fingerprint(model) -> str:
     """A short hash of the model's weights: tells an adversarial set which model made it."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return "weights:" + h.hexdigest()[:16]
+    return "weights:" + weights_fingerprint(model)
 
 
 def _drop_foreign_set(folder: Path, expected: Mapping[str, object], progress: bool) -> None:

@@ -9,6 +9,8 @@ from advinterp.errors import UserError
 from advinterp.io import read_json
 from advinterp.models import load_model
 
+from ..ddp import on_two_processes
+
 
 def test_attack_verb_writes_exact_images_labels_and_stats(small_run, tmp_path, capsys):
     model_path = str(small_run / "model.safetensors")
@@ -92,16 +94,11 @@ def test_an_incomplete_set_is_a_clear_error(small_run, tmp_path):
     assert read_json(tmp_path / "s" / "attack.json")["shards"] == 2
 
 
-def _attack_worker(rank: int, world_size: int, init_file: str, model_path: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+def _attack_worker(world, model_path: str, out: str) -> list[int]:
+    """The chunks' seeds this process attacked with, building the set into ``out``."""
     import advinterp.attacks
 
-    made = []  # the chunks' seeds this process attacked with
+    made = []
     make = advinterp.attacks.make_attack
 
     def counting(*args, **kwargs):
@@ -109,13 +106,10 @@ def _attack_worker(rank: int, world_size: int, init_file: str, model_path: str, 
         return make(*args, **kwargs)
 
     advinterp.attacks.make_attack = counting  # build_adversarial_set imports it when called
-    try:
-        model = load_model(model_path)
-        data = open_dataset("fashion-mnist", "test", limit=64)
-        build_adversarial_set(model, data, out, **SHARDED)
-        torch.save(made, f"{out}.rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    model = load_model(model_path)
+    data = open_dataset("fashion-mnist", "test", limit=64)
+    build_adversarial_set(model, data, out, **SHARDED)
+    return made
 
 
 # Four chunks (16, 16, 16, 16 images): processes 0 and 1 attack two each; random targets and
@@ -126,14 +120,8 @@ SHARDED = dict(
 
 
 def test_two_processes_write_the_set_of_one(small_run, tmp_path):
-    import torch.multiprocessing as mp
-
     model_path = str(small_run / "model.safetensors")
-    mp.spawn(
-        _attack_worker,
-        args=(2, str(tmp_path / "init"), model_path, str(tmp_path / "two")),
-        nprocs=2,
-    )
+    seeds = on_two_processes(_attack_worker, tmp_path, model_path, str(tmp_path / "two"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: the same kernels, the same rounding
     try:
@@ -150,7 +138,6 @@ def test_two_processes_write_the_set_of_one(small_run, tmp_path):
     assert read_json(tmp_path / "two" / "settings.json") == read_json(
         tmp_path / "one" / "settings.json"
     )
-    seeds = [torch.load(tmp_path / f"two.rank{r}.pt") for r in range(2)]
     assert seeds == [[3, 5], [4, 6]]  # chunks 0, 2 and 1, 3: seed 3 + chunk
     shards = sorted(p.name for p in (tmp_path / "two" / "shards").iterdir())
     assert shards == [f"{i:05d}.safetensors" for i in range(4)]
