@@ -1,5 +1,11 @@
 """The README's tables of a `make demo` run, as Markdown, from its summary.json (and
-sweep.json when `reproduce --sweep` ran): `python scripts/readme_tables.py runs/demo`."""
+sweep.json when `reproduce --sweep` ran): `python scripts/readme_tables.py runs/demo`.
+
+With `--figures docs` it also puts the README's figures there: the normal model's
+Table 1 chart and one of its galleries as the run drew them, and Fig. 10 drawn
+again from the run's `semantics/semantics.json` (the numbers of the run, the
+current labels).
+"""
 
 from __future__ import annotations
 
@@ -114,5 +120,32 @@ def tables(run: Path) -> str:
     return "\n".join(out)
 
 
+def figures(run: Path, docs: Path, gallery: str = "layer3.0/unit_0050.png") -> list[Path]:
+    """Copy or redraw the README's figures of ``run`` into ``docs``; returns their paths."""
+    import shutil
+
+    from advinterp.analysis.semantics import plot_fig10
+
+    normal = next(iter(json.loads((run / "summary.json").read_text())["table2"]))
+    docs.mkdir(parents=True, exist_ok=True)
+    table1 = docs / f"table1-{normal}.png"
+    shutil.copyfile(run / "dissect" / normal / "table1.png", table1)
+    layer, unit = gallery.split("/")
+    shown = docs / f"gallery-{layer}-unit{int(unit.split('_')[1].split('.')[0])}.png"
+    shutil.copyfile(run / "galleries" / normal / gallery, shown)
+    semantics = json.loads((run / "semantics" / "semantics.json").read_text())
+    fig10 = plot_fig10(semantics["models"], docs / "fig10.png")
+    return [table1, shown, fig10]
+
+
 if __name__ == "__main__":
-    print(tables(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", nargs="?", default="runs/demo")
+    parser.add_argument("--figures", metavar="DOCS", help="also put the figures in DOCS")
+    args = parser.parse_args()
+    print(tables(Path(args.run)))
+    if args.figures:
+        for path in figures(Path(args.run), Path(args.figures)):
+            print(f"wrote {path}", file=sys.stderr)
