@@ -697,11 +697,19 @@ def _analysis_parsers(sub) -> None:
         "--models",
         nargs="+",
         metavar="MODEL",
-        help="compare given models (checkpoints, or names loadable without --weights such as "
-        "efficientnet_lite0), one row and one Fig. 10 curve each; the findings judge them in "
-        "this order as the normal model, -Adv (consistency loss) and -AT",
+        help="compare given models (checkpoints, or names such as efficientnet_lite0, or "
+        "resnet18 with its --weights entry), one row and one Fig. 10 curve each; the findings "
+        "judge them in this order as the normal model, -Adv (consistency loss) and -AT",
     )
-    p.add_argument("--weights", help="weights of a --model given by name (.pth/.safetensors)")
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        metavar="W",
+        help="weights of the given models, one per --model/--models entry in order: a "
+        ".pth/.safetensors file (or imagenet, random) for a model given by name, - for none "
+        "(a checkpoint holds its own; a name loads its cached or shipped weights), e.g. "
+        "--models runs/a/model.safetensors resnet18 --weights - r18.pth",
+    )
     p.add_argument(
         "--data",
         help="test images of given models: imagefolder:PATH (PATH/<wnid>/*.JPEG) or "
@@ -785,8 +793,9 @@ def _analysis_parsers(sub) -> None:
     p.add_argument(
         "--sweep",
         action="store_true",
-        help="then rerun the analysis, reusing the trained models, at λ = 1 and 10 (20 steps) "
-        "and σ = 0.5 and 2, and report each claim's verdict per setting (RUN/sweep.json)",
+        help="then rerun the analysis, reusing the models (trained or given) and Table 2, at "
+        "λ = 1 and 10 (20 steps, or --steps) and σ = 0.5 and 2, and report each claim's "
+        "verdict per setting (RUN/sweep.json)",
     )
     p.add_argument(
         "--data-root",
@@ -1176,14 +1185,8 @@ def cmd_reproduce(args) -> int:
     ):
         if value is not None and not models:
             raise UserError(f"{flag} goes with --model or --models (models you already have)")
-    if args.weights is not None and not args.model:
-        raise UserError("--weights goes with --model NAME; --models takes checkpoints or names")
     if args.train_data is not None and not args.model:
         raise UserError("--train-data fine-tunes one given model: use it with --model")
-    if models and args.sweep:
-        raise UserError(
-            "--sweep runs on the models reproduce trains: drop it with --model/--models"
-        )
     archs = tuple(a.strip() for a in (args.archs or "resnet").split(",") if a.strip())
     if not archs:
         raise UserError("--archs is empty: name at least one architecture, e.g. resnet")
@@ -1219,7 +1222,10 @@ def cmd_reproduce(args) -> int:
         data_root=args.data_root,
         saliency=args.saliency,
         models=tuple(models),
-        weights=args.weights,
+        # One model's one file as before (a string); else one entry per model (- for none).
+        weights=args.weights[0]
+        if args.model and args.weights and len(args.weights) == 1
+        else args.weights and tuple(args.weights),
         data=args.data,
         probe=args.probe,
         train_data=args.train_data,
@@ -1227,8 +1233,11 @@ def cmd_reproduce(args) -> int:
         **sizes,
     )
     try:
-        summary = reproduce(cfg, args.out)
-        table = sweep(cfg, args.out) if args.sweep else None
+        if args.sweep:  # the run (reproduce), then its analysis at each setting
+            table = sweep(cfg, args.out)
+            summary = read_json(Path(args.out) / "summary.json")
+        else:
+            table, summary = None, reproduce(cfg, args.out)
     except KeyboardInterrupt:
         print(
             "advinterp: interrupted; finished stages are kept: run the same command again "

@@ -28,13 +28,15 @@ checkpoints it reads) are unchanged:
 ``--sweep`` (:func:`sweep`) then reruns stages 5–8 on the same models at other
 attack strengths and σ, and reports each claim's verdict per setting.
 
-Given models (``--model SPEC [--weights W]`` or ``--models A B C``, :func:`_reproduce_given`)
-skip stages 1–2: the same analysis runs on them, over ``--data imagefolder:PATH`` (or
-Fashion-MNIST) and a Broden-format ``--probe`` folder (or fashion-broden), with the first
-given model's random-weights twin as Table 1's floor. In ``--models`` order they play the
-normal model, ``-Adv`` and ``-AT`` in the findings; only the claims whose models are there
-are judged, and ``summary.json``'s ``roles`` says who played what. ``--train-data`` with
-``--model`` fine-tunes its ``-Adv`` and ``-AT`` there first (stage 2 from the given model).
+Given models (``--model SPEC [--weights W]`` or ``--models A B C [--weights WA WB WC]``,
+:func:`_reproduce_given`) skip stages 1–2: the same analysis runs on them, over ``--data
+imagefolder:PATH`` (or Fashion-MNIST) and a Broden-format ``--probe`` folder (or
+fashion-broden), with the first given model's random-weights twin as Table 1's floor. In
+``--models`` order they play the normal model, ``-Adv`` and ``-AT`` in the findings; only
+the claims whose models are there are judged, and ``summary.json``'s ``roles`` says who
+played what. ``--train-data`` with ``--model`` fine-tunes its ``-Adv`` and ``-AT`` there
+first (stage 2 from the given model).
+``--sweep`` works on them alike (:class:`_Run` holds what the two paths share).
 
 A killed run started again with the same command resumes: finished stages are
 skipped, training and attacks continue from their last checkpoint or shard.
@@ -122,13 +124,15 @@ class ReproduceConfig:
     data_root: str | None = None
     extra: dict = field(default_factory=dict)
     # Given models (``reproduce --model`` / ``--models``): analysed, not trained here. Each is a
-    # checkpoint path or a model name (``weights`` for a single named model); in order they
-    # play the normal model, ``-Adv`` and ``-AT`` of the findings. ``data``: their test images
-    # (``imagefolder:PATH``, default fashion-mnist); ``probe``: a Broden-format folder
-    # (default fashion-broden); ``train_data``: fine-tune ``-Adv`` and ``-AT`` from the one
-    # given model on these images (advtrain) and analyse all three.
+    # checkpoint path or a model name; in order they play the normal model, ``-Adv`` and
+    # ``-AT`` of the findings. ``weights``: one entry per model, in order (a file, ``imagenet``
+    # or ``random`` for a model given by name; ``None`` or :data:`NO_WEIGHTS` for none: a
+    # checkpoint's own, a name's cached or shipped weights), or one string for one model.
+    # ``data``: their test images (``imagefolder:PATH``, default fashion-mnist); ``probe``: a
+    # Broden-format folder (default fashion-broden); ``train_data``: fine-tune ``-Adv`` and
+    # ``-AT`` from the one given model on these images (advtrain) and analyse all three.
     models: Sequence[str] = ()
-    weights: str | None = None
+    weights: str | Sequence[str | None] | None = None
     data: str | None = None
     probe: str | None = None
     train_data: str | None = None
@@ -146,12 +150,18 @@ class ReproduceConfig:
                 values[key] = value
         values["archs"] = tuple(self.archs)
         values["models"] = tuple(self.models)
+        if self.weights is not None and not isinstance(self.weights, str):
+            values["weights"] = tuple(self.weights)
         values["eps"] = tuple(self.eps)
         values["dissect_layers"] = tuple(self.dissect_layers)
         values["lam_grid"] = tuple(self.lam_grid)
         values["steps_grid"] = tuple(self.steps_grid)
         return ReproduceConfig(**values)
 
+
+#: A ``--weights`` entry that gives no weights file: a checkpoint holds its own weights, a
+#: name loads its cached (or shipped) ones.
+NO_WEIGHTS = "-"
 
 #: Settings of given models only: left out of a default run's summary when unset.
 GIVEN_SETTINGS = ("models", "weights", "data", "probe", "train_data", "opt_steps", "draws")
@@ -278,8 +288,41 @@ def _gallery_layer(model) -> str:
     return unit_layers(model)[-1]
 
 
+@dataclass
+class _Run:
+    """A run's models as its analysis stages see them, whoever made the models: what the
+    default run and given models share, and what :func:`sweep` reruns the analysis on."""
+
+    folder: Path
+    #: Resolved; for given models with their specs (``extra["given"]``) and ``data`` set.
+    cfg: ReproduceConfig
+    names: list[str]
+    #: Model → the digest every stage's key holds of it.
+    fingerprints: dict[str, str]
+    #: The data (and probe) part of every analysis stage's key.
+    data: dict
+    #: Table 1's random-weights floors (``RUN/dissect/<floor>/``).
+    floors: list[str]
+    #: The models made in this run, in ``RUN/<name>/``: every model of a default run, the
+    #: fine-tuned ``-Adv`` and ``-AT`` of given models (``--train-data``).
+    local: list[str]
+    #: The stages' costs at a setting (:func:`stage_costs` or :func:`_given_costs`).
+    costs: Callable[[ReproduceConfig], dict[str, float]]
+    #: Given models only: name → role, as ``summary.json``'s ``roles``.
+    roles: dict | None = None
+
+    def given(self) -> dict | None:
+        """:func:`_summary`'s ``given``: None for the default run."""
+        return None if self.roles is None else {"roles": self.roles, "floors": self.floors}
+
+
 def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> dict:
     """Run every stage into ``out`` (see the module doc); returns ``summary.json``'s dict."""
+    return _reproduce(cfg, out, progress)[0]
+
+
+def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> tuple[dict, _Run]:
+    """:func:`reproduce`, and the run it made (for :func:`sweep`)."""
     from advinterp.data.fashion import load_fashion_mnist
     from advinterp.io import out_folder
     from advinterp.models import SMALL_ARCHS
@@ -305,27 +348,64 @@ def reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool = True) -> d
         _train_stage(stages, run, arch, cfg, data)
         for beta, name in ((1.0, f"{arch}-Adv"), (0.0, f"{arch}-AT")):
             _advtrain_stage(stages, run, arch, name, beta, cfg, data)
-    fingerprints = {n: _fingerprint(run / n / "model.safetensors") for n in names}
+    ctx = _Run(
+        folder=run,
+        cfg=cfg,
+        names=names,
+        fingerprints={n: _fingerprint(run / n / "model.safetensors") for n in names},
+        data=data,
+        floors=[random_name(a) for a in cfg.archs],
+        local=names,
+        costs=stage_costs,
+    )
+    return _analyse(ctx, stages, progress), ctx
 
-    _evaluation(stages, run, names, cfg, fingerprints, data)
-    _analysis(stages, run, names, cfg, fingerprints, data, progress)
-    for arch in cfg.archs:
-        floor = random_name(arch)
-        key = {"arch": arch, "n": cfg.probe_images, "layers": cfg.dissect_layers, **data}
-        if cfg.draws is not None:
-            key["draws"] = cfg.draws
-        stages(
-            f"dissect {floor}",
-            key,
-            [run / "dissect" / floor / "table1.json", run / "dissect" / floor / "bootstrap.json"],
-            lambda a=arch: _dissect_random(run, a, cfg, progress),
-        )
-    summary = _summary(run, names, cfg, stages.timings)
-    write_json(run / "summary.json", summary)
+
+def _analyse(ctx: _Run, stages, progress: bool) -> dict:
+    """Every stage after training, on the run's models: Table 2 and its attacks, the
+    analysis, Table 1's floors; then ``summary.json`` and the report. Returns the summary."""
     from advinterp.report import write_report
 
+    run, cfg, names = ctx.folder, ctx.cfg, ctx.names
+    _evaluation(stages, run, names, cfg, ctx.fingerprints, ctx.data)
+    _analysis(stages, run, names, cfg, ctx.fingerprints, ctx.data, progress)
+    if ctx.roles is None:  # the default run: each architecture untrained
+        for arch in cfg.archs:
+            key = {"arch": arch, "n": cfg.probe_images, "layers": cfg.dissect_layers}
+            key |= ctx.data
+            if cfg.draws is not None:
+                key["draws"] = cfg.draws
+            _floor_stage(
+                stages,
+                run,
+                random_name(arch),
+                key,
+                lambda a=arch: _dissect_random(run, a, cfg, progress),
+            )
+    else:  # given models: the normal model's network, reset
+        normal = names[0]
+        key = {"model": ctx.fingerprints[normal], "twin": "reset", "n": cfg.probe_images}
+        key |= {"draws": cfg.draws or DRAWS}
+        key |= {"layers": cfg.dissect_layers, **ctx.data}
+        _floor_stage(
+            stages,
+            run,
+            ctx.floors[0],
+            key,
+            lambda: _dissect_random(
+                run, normal, cfg, progress, twin=lambda: _random_twin(run, normal, cfg)
+            ),
+        )
+    summary = _summary(run, names, cfg, stages.timings, ctx.given())
+    write_json(run / "summary.json", summary)
     write_report(run)
     return summary
+
+
+def _floor_stage(stages, run: Path, floor: str, key: dict, go: Callable[[], None]) -> None:
+    """The stage of Table 1's floor ``floor``, which ``go()`` dissects."""
+    outputs = [run / "dissect" / floor / n for n in ("table1.json", "bootstrap.json")]
+    stages(f"dissect {floor}", key, outputs, go)
 
 
 #: What each position of ``--models`` is judged as in the findings.
@@ -348,9 +428,10 @@ def _is_checkpoint(spec: str) -> bool:
     )
 
 
-def _given_name(spec: str) -> str:
+def _given_name(spec: str, weights: str | None = None) -> str:
     """A model's name in the run: a checkpoint's folder (``runs/r18/model.safetensors`` →
-    ``r18``) or file stem, else the model name itself."""
+    ``r18``) or file stem, else the model name itself; with ``weights`` (for a name given
+    more than once) ``<name>+<weights file stem>``."""
     import re
 
     if _is_checkpoint(spec):
@@ -361,25 +442,50 @@ def _given_name(spec: str) -> str:
             name = path.stem
     else:
         name = spec
+    if weights is not None:
+        name += f"+{Path(weights).stem}"
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "model"
+
+
+def _given_weights(cfg) -> list[str | None]:
+    """``cfg.weights`` as one entry per model of ``cfg.models`` (``None``: no weights file,
+    :data:`NO_WEIGHTS` included); a count that does not match is one error line."""
+    specs, weights = list(cfg.models), cfg.weights
+    if weights is None:
+        return [None] * len(specs)
+    weights = [weights] if isinstance(weights, str) else list(weights)
+    if len(weights) != len(specs):
+        n, m = len(weights), len(specs)
+        raise UserError(
+            f"--weights has {n} {'entry' if n == 1 else 'entries'} for {m} "
+            f"{'model' if m == 1 else 'models'}: give one per model, in --models order "
+            f"({NO_WEIGHTS} for a checkpoint, or a name without a weights file)"
+        )
+    return [None if w in (None, NO_WEIGHTS) else str(w) for w in weights]
 
 
 def _check_given(cfg) -> dict[str, dict]:
     """Every given model, its data and probe checked before any stage runs; returns name →
     ``{"spec", "weights", "role", "description"}`` in ``cfg.models`` order (the fine-tuned
     ``-Adv`` and ``-AT`` added with ``train_data``). Sets ``cfg.data`` to fashion-mnist
-    when unset."""
+    when unset. A name given twice with other weights files is named after them
+    (``resnet18+r18``, ``resnet18+r18-adv``)."""
     from advinterp.data import open_dataset
-    from advinterp.models import load_model
+    from advinterp.models import checkpoint_config, load_model
 
     specs = list(cfg.models)
-    if cfg.weights is not None and len(specs) != 1:
-        raise UserError("--weights goes with one --model; --models takes checkpoints or names")
+    weights = _given_weights(cfg)
     if cfg.train_data is not None and len(specs) != 1:
         raise UserError("--train-data fine-tunes one given model: use it with --model")
-    for spec in specs:
-        if specs.count(spec) > 1:
-            raise UserError(f"--models lists {spec} twice")
+    pairs = list(zip(specs, weights, strict=True))
+    for spec, w in pairs:
+        if pairs.count((spec, w)) > 1:
+            raise UserError(f"--models lists {spec} twice" + (f" with --weights {w}" if w else ""))
+        if w is not None and checkpoint_config(spec) is not None:
+            raise UserError(
+                f"--weights {w} is given for {spec}, a checkpoint that holds its own weights: "
+                f"give {NO_WEIGHTS} in its place"
+            )
     if cfg.data is None:
         cfg.data = "fashion-mnist"
     if cfg.data != "fashion-mnist" and not cfg.data.startswith("imagefolder:"):
@@ -389,13 +495,13 @@ def _check_given(cfg) -> dict[str, dict]:
         )
     given: dict[str, dict] = {}
     roles = ["normal", "adv", "at"]
-    for i, spec in enumerate(specs):
-        model = load_model(spec, cfg.weights)
-        name = _given_name(spec)
+    for i, (spec, w) in enumerate(pairs):
+        model = load_model(spec, w)
+        name = _given_name(spec, w if specs.count(spec) > 1 else None)
         while name in given:  # two checkpoints in folders of the same name
             name += "+"
         role = roles[i] if i < len(roles) else "other"
-        given[name] = {"spec": spec, "weights": cfg.weights, "role": role}
+        given[name] = {"spec": spec, "weights": w, "role": role}
         data = open_dataset(cfg.data, "test", cfg.data_root, limit=1, model=model)
         if len(data) == 0:
             raise UserError(f"--data {cfg.data} holds no images")
@@ -502,12 +608,11 @@ def _given_advtrain_stage(stages, run: Path, normal: str, name: str, beta: float
     stages(f"advtrain {name}", key, [folder / "model.safetensors"], go)
 
 
-def _reproduce_given(cfg: ReproduceConfig, out: str | Path, progress: bool) -> dict:
-    """:func:`reproduce` on given models (``cfg.models``): no training of their own; with
+def _reproduce_given(cfg: ReproduceConfig, out: str | Path, progress: bool) -> tuple[dict, _Run]:
+    """:func:`_reproduce` on given models (``cfg.models``): no training of their own; with
     ``cfg.train_data`` the one given model's ``-Adv`` and ``-AT`` fine-tuned first. Every
     analysis stage, keyed by the models' fingerprints, the data and the probe."""
     from advinterp.io import out_folder
-    from advinterp.report import write_report
 
     given = _check_given(cfg)
     run = out_folder(out)
@@ -526,29 +631,23 @@ def _reproduce_given(cfg: ReproduceConfig, out: str | Path, progress: bool) -> d
         _given_advtrain_stage(stages, run, normal, name, beta, cfg, fingerprints[normal])
     for name in names[1:]:
         fingerprints[name] = _state_fingerprint(_load(run, name, cfg))
-
-    _evaluation(stages, run, names, cfg, fingerprints, data)
-    _analysis(stages, run, names, cfg, fingerprints, data, progress)
-    key = {"model": fingerprints[normal], "twin": "reset", "n": cfg.probe_images}
-    key |= {"draws": cfg.draws or DRAWS}
-    key |= {"layers": cfg.dissect_layers, **data}
-    stages(
-        f"dissect {floor}",
-        key,
-        [run / "dissect" / floor / "table1.json", run / "dissect" / floor / "bootstrap.json"],
-        lambda: _dissect_random(
-            run, normal, cfg, progress, twin=lambda: _random_twin(run, normal, cfg)
-        ),
-    )
     roles = {
         n: {"role": e["role"], "description": e["description"], "spec": e["spec"]}
         | ({"weights": e["weights"]} if e["weights"] else {})
         for n, e in given.items()
     }
-    summary = _summary(run, names, cfg, stages.timings, {"roles": roles, "floors": [floor]})
-    write_json(run / "summary.json", summary)
-    write_report(run)
-    return summary
+    ctx = _Run(
+        folder=run,
+        cfg=cfg,
+        names=names,
+        fingerprints=fingerprints,
+        data=data,
+        floors=[floor],
+        local=tuned,
+        costs=lambda c: _given_costs(c, names, tuned, floor),
+        roles=roles,
+    )
+    return _analyse(ctx, stages, progress), ctx
 
 
 def _evaluation(stages, run: Path, names, cfg, fingerprints, data) -> None:
@@ -632,13 +731,21 @@ def _analysis(
 SWEEP: tuple[dict, ...] = ({"lam": 1.0}, {"lam": 10.0}, {"sigma": 0.5}, {"sigma": 2.0})
 
 
-def setting_name(setting: dict) -> str:
-    """``{"lam": 10.0}`` → ``"λ=10, 20 steps"``; ``{}`` → the default run's."""
+def setting_name(setting: dict, cfg: ReproduceConfig | None = None) -> str:
+    """``{"lam": 10.0}`` → ``"λ=10, 20 steps"`` (the opt attack's steps, ``cfg.opt_steps``
+    where set); ``{}`` → the default run's, as ``cfg`` attacks (λ searched unless fixed)."""
+    steps = (cfg.opt_steps if cfg is not None else None) or 20
     if not setting:
-        return "default (λ searched to ≥ 95% success, σ = 1)"
+        if cfg is None or (cfg.lam is None and cfg.sigma == 1.0 and cfg.opt_steps is None):
+            return "default (λ searched to ≥ 95% success, σ = 1)"
+        if cfg.lam is None:
+            attack = f"λ searched to ≥ {100 * cfg.success_target:g}% success"
+        else:
+            attack = f"λ={cfg.lam:g}"
+        return f"default ({attack}, {steps} steps, σ = {cfg.sigma:g})"
     parts = []
     if "lam" in setting:
-        parts.append(f"λ={setting['lam']:g}, 20 steps")
+        parts.append(f"λ={setting['lam']:g}, {steps} steps")
     if "sigma" in setting:
         parts.append(f"σ={setting['sigma']:g}")
     return ", ".join(parts)
@@ -654,80 +761,86 @@ def sweep(
     settings: Sequence[dict] = SWEEP,
     progress: bool = True,
 ) -> dict:
-    """The sensitivity of every verdict: the default run (:func:`reproduce`, its stages
-    reused when done), then its analysis again, reusing the trained models and Table 2,
-    at each setting: ``{"lam": λ}`` attacks every model with λ at 20 steps (strength
-    search off), re-running the attacks, semantics and dissection; ``{"sigma": σ}`` only
-    recomputes the semantics, on the default run's adversarial images. Each setting's run
-    is ``RUN/sweep/<setting>/`` (its own stages, resumable; the models are links to the
-    default run's). Writes ``RUN/sweep.json``: per claim, per setting, the verdict with its
-    estimate and interval (:func:`sweep_table`); returns it."""
-    from advinterp.io import write_json
+    """The sensitivity of every verdict: the run (:func:`reproduce`, the default run or given
+    models, its stages reused when done), then its analysis again, reusing its models and
+    Table 2, at each setting: ``{"lam": λ}`` attacks every model with λ at 20 steps (or
+    ``cfg.opt_steps``; strength search off), re-running the attacks, semantics and
+    dissection; ``{"sigma": σ}`` only recomputes the semantics, on the run's adversarial
+    images. Each setting's run is ``RUN/sweep/<setting>/`` (its own stages, resumable; the
+    models made in RUN are links to RUN's, given models are read where they were given).
+    Writes ``RUN/sweep.json``: per claim, per setting, the verdict with its estimate and
+    interval (:func:`sweep_table`); returns it."""
+    from advinterp.report import write_report
 
-    cfg = cfg.resolved()
-    run = Path(out)
-    summaries = {setting_name({}): reproduce(cfg, run, progress=progress)}
-    names = summaries[setting_name({})]["models"]
-    fingerprints = {n: _fingerprint(run / n / "model.safetensors") for n in names}
-    data = {"data_root": cfg.data_root, "seed": cfg.seed}
-    for setting in settings:
-        unknown = set(setting) - {"lam", "sigma"}
-        if unknown or not setting:
+    for setting in settings:  # before any stage runs
+        if set(setting) - {"lam", "sigma"} or not setting:
             raise UserError(f"a sweep setting varies lam or sigma, got {setting}")
+    summary, ctx = _reproduce(cfg, out, progress)
+    run = ctx.folder
+    summaries = {setting_name({}, ctx.cfg): summary}
+    for setting in settings:
         sub = run / "sweep" / _setting_folder(setting)
-        for path in (sub / "dissect", sub / "robustness"):
-            path.mkdir(parents=True, exist_ok=True)
-        links = {n: Path("..", "..", n) for n in names}  # the trained models
-        links |= {
-            f"dissect/{random_name(a)}": Path("..", "..", "..", "dissect", random_name(a))
-            for a in cfg.archs
-        }
-        if "lam" not in setting:  # the default run's attacks and dissections, read only
-            links["adv"] = Path("..", "..", "adv")
-            links |= {f"dissect/{n}": Path("..", "..", "..", "dissect", n) for n in names}
-        for rel, target in links.items():
-            if not (sub / rel).is_symlink():
-                (sub / rel).symlink_to(target, target_is_directory=True)
-        for rel in (
-            "table2.json",
-            "robustness/correct.safetensors",
-            "robustness/pgd.safetensors",
-            "robustness/autoattack.json",
-            "robustness/autoattack.safetensors",
-        ):
-            if (run / rel).is_file():
-                shutil.copyfile(run / rel, sub / rel)
-        scfg = replace(cfg, lam=setting.get("lam", cfg.lam), sigma=setting.get("sigma", cfg.sigma))
-        print(f"reproduce --sweep: {setting_name(setting)} in {sub}", flush=True)
+        _setting_run(ctx, sub, setting)
+        scfg = replace(
+            ctx.cfg, lam=setting.get("lam", ctx.cfg.lam), sigma=setting.get("sigma", ctx.cfg.sigma)
+        )
+        print(f"reproduce --sweep: {setting_name(setting, scfg)} in {sub}", flush=True)
         if "lam" in setting:
+            floors = {f"dissect {f}" for f in ctx.floors}
             costs = {
                 k: v
-                for k, v in stage_costs(scfg).items()
+                for k, v in ctx.costs(scfg).items()
                 if k.split(" ")[0] in ("strength", "attack", "semantics", "dissect")
-                and not k.endswith("-random")
+                and k not in floors
             }
             stages = _Stages(sub, costs)
-            _analysis(stages, sub, names, scfg, fingerprints, data, progress, galleries=False)
+            _analysis(
+                stages, sub, ctx.names, scfg, ctx.fingerprints, ctx.data, progress, galleries=False
+            )
         else:
-            stages = _Stages(sub, {"semantics": stage_costs(scfg)["semantics"]})
-            attacks = {n: _attack_options(sub, n, scfg) for n in names}
-            key = {"models": fingerprints, "n": scfg.attack_images, "attack": attacks, **data}
-            key["sigma"] = scfg.sigma
+            stages = _Stages(sub, {"semantics": ctx.costs(scfg)["semantics"]})
+            attacks = {n: _attack_options(sub, n, scfg) for n in ctx.names}
+            key = {"models": ctx.fingerprints, "n": scfg.attack_images, "attack": attacks}
+            key |= {**ctx.data, "sigma": scfg.sigma}
             stages(
                 "semantics",
                 key,
                 [sub / "semantics" / "semantics.json"],
-                lambda c=scfg, d=sub: _semantics(d, names, c, progress),
+                lambda c=scfg, d=sub: _semantics(d, ctx.names, c, progress),
             )
-        summary = _summary(sub, names, scfg, stages.timings)
+        summary = _summary(sub, ctx.names, scfg, stages.timings, ctx.given())
         write_json(sub / "summary.json", summary)
-        summaries[setting_name(setting)] = summary
+        summaries[setting_name(setting, scfg)] = summary
     table = sweep_table(summaries)
     write_json(run / "sweep.json", table)
-    from advinterp.report import write_report
-
     write_report(run)
     return table
+
+
+def _setting_run(ctx: _Run, sub: Path, setting: dict) -> None:
+    """``RUN/sweep/<setting>/`` made ready for its stages: links to the models made in RUN
+    and to Table 1's floors (and, at RUN's attacks, to its attacks and dissections: read
+    only), and copies of Table 2 and its robustness files."""
+    run = ctx.folder
+    for path in (sub / "dissect", sub / "robustness"):
+        path.mkdir(parents=True, exist_ok=True)
+    links = {n: Path("..", "..", n) for n in ctx.local}
+    links |= {f"dissect/{f}": Path("..", "..", "..", "dissect", f) for f in ctx.floors}
+    if "lam" not in setting:  # RUN's attacks and dissections, read only
+        links["adv"] = Path("..", "..", "adv")
+        links |= {f"dissect/{n}": Path("..", "..", "..", "dissect", n) for n in ctx.names}
+    for rel, target in links.items():
+        if not (sub / rel).is_symlink():
+            (sub / rel).symlink_to(target, target_is_directory=True)
+    for rel in (
+        "table2.json",
+        "robustness/correct.safetensors",
+        "robustness/pgd.safetensors",
+        "robustness/autoattack.json",
+        "robustness/autoattack.safetensors",
+    ):
+        if (run / rel).is_file():
+            shutil.copyfile(run / rel, sub / rel)
 
 
 def sweep_table(summaries: dict[str, dict]) -> dict:

@@ -27,3 +27,16 @@ def small_run(tmp_path_factory):
     with one_thread():
         train(cfg, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def two_checkpoints(tmp_path_factory):
+    """Two compact Fashion-MNIST models, briefly trained on different images: the
+    ``model.safetensors`` of ``plain`` and the folder of ``other``, as ``reproduce --models``
+    takes them."""
+    root = tmp_path_factory.mktemp("given")
+    with one_thread():
+        for name, seed in (("plain", 0), ("other", 1)):
+            cfg = TrainConfig(epochs=1, limit=600, batch_size=64, eval_limit=100, seed=seed)
+            train(cfg, root / name, progress=False)
+    return root / "plain" / "model.safetensors", root / "other"

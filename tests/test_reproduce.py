@@ -389,3 +389,72 @@ def test_autoattack_stage_writes_what_it_measured(tmp_path, monkeypatch):
     _autoattack(tmp_path, ["m"], cfg)
     meta = json.loads((tmp_path / "robustness" / "autoattack.json").read_text())
     assert meta == {"available": False, "images": 0}
+
+
+# Given models (reproduce --models): two compact checkpoints (tests/conftest.py) at tiny sizes.
+GIVEN_TINY = ["--quick", "--limit", "20", "--probe-size", "20", "--lam", "30", "--steps", "3"]
+GIVEN_TINY += ["--draws", "200", "--dissect-layers", "layer3.0", "--saliency", "activation"]
+
+
+def test_sweep_on_given_models_judges_each_claim_per_setting(two_checkpoints, tmp_path, capsys):
+    normal, adv = two_checkpoints
+    run = tmp_path / "run"
+    args = ["reproduce", "--models", str(normal), str(adv), "--sweep", "--out", str(run)]
+    assert main([*args, *GIVEN_TINY]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    table = json.loads((run / "sweep.json").read_text())
+    default = "default (λ=30, 3 steps, σ = 1)"
+    assert table["settings"] == [default, "λ=1, 3 steps", "λ=10, 3 steps", "σ=0.5", "σ=2"]
+    # Every claim of the given models, at every setting, in the summary's order.
+    assert [row["claim"] for row in table["claims"]] == [f["claim"] for f in summary["findings"]]
+    for row in table["claims"]:
+        assert list(row["settings"]) == table["settings"]
+        assert all(
+            v["verdict"] in ("holds", "fails", "undecided") for v in row["settings"].values()
+        )
+    main_key = json.loads((run / "stages" / "attack plain.json").read_text())["key"]
+    for folder, setting, lam in (("lam1", "λ=1, 3 steps", 1.0), ("lam10", "λ=10, 3 steps", 10.0)):
+        for attack in table["attacks"][setting].values():  # every model alike, at --steps
+            assert (attack["lam"], attack["steps"]) == (lam, 3)
+        sub = run / "sweep" / folder
+        # The same models and data as the run's stages, the floor linked from the run.
+        key = json.loads((sub / "stages" / "attack plain.json").read_text())["key"]
+        assert key["model"] == main_key["model"] and key["data"] == "fashion-mnist"
+        assert (sub / "dissect" / "plain-random").is_symlink()
+        sub_summary = json.loads((sub / "summary.json").read_text())
+        assert sub_summary["roles"] == summary["roles"]
+        assert set(sub_summary["table1"]) == {"plain", "other", "plain-random"}
+    for folder, setting in (("sigma0.5", "σ=0.5"), ("sigma2", "σ=2")):
+        # The run's attacks and dissections, read again: only CS1 and CS2 change.
+        assert table["attacks"][setting] == table["attacks"][default]
+        sub_summary = json.loads((run / "sweep" / folder / "summary.json").read_text())
+        assert sub_summary["table1"] == summary["table1"]
+        assert sub_summary["mean_cs1"] != summary["mean_cs1"]
+    assert "Sensitivity (reproduce --sweep)" in out and "λ=10, 3 steps" in out
+    assert "Roles in the findings" in out
+    report = (run / "report" / "index.html").read_text()
+    assert 'id="sweep"' in report and "σ=0.5" in report
+    # The same command again: every stage of the run and of each setting is skipped.
+    assert main([*args, *GIVEN_TINY]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("reproduce [")]
+    assert lines and all(ln.endswith("unchanged, skipped") for ln in lines), lines
+    # The run's 11; per λ: strength, attack and dissect per model, and semantics; per σ: semantics.
+    assert len(lines) == 11 + 2 * (3 * 2 + 1) + 2 * 1
+
+
+def test_weights_per_model_count_and_checkpoints(two_checkpoints, tmp_path, capsys):
+    normal, adv = two_checkpoints
+    run = tmp_path / "run"
+    for args, message in (
+        (["--models", "a", "b", "--weights", "w.pth"], "--weights has 1 entry for 2 models"),
+        (["--model", "a", "--weights", "w.pth", "v.pth"], "--weights has 2 entries for 1 model"),
+        (
+            ["--models", str(normal), str(adv), "--weights", "w.pth", "-"],
+            f"--weights w.pth is given for {normal}, a checkpoint that holds its own weights: "
+            "give - in its place",
+        ),
+    ):
+        assert main(["reproduce", *args, "--out", str(run)]) == 2
+        assert message in _one_line_error(capsys)
+        assert not (run / "stages").exists()

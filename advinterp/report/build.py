@@ -763,9 +763,8 @@ def _sweep_html(sweep: dict | None) -> str:
     return (
         table(["claim", *sweep["settings"]], rows, id="sweep")
         + '\n<p class="note">Each cell: the verdict at that setting, the estimate and its 95% '
-        "interval. The analysis is rerun on the same trained models.</p>\n<ul>"
-        + "".join(notes)
-        + "</ul>"
+        "interval. The analysis is rerun on the same models (trained or given) and "
+        "Table 2.</p>\n<ul>" + "".join(notes) + "</ul>"
     )
 
 

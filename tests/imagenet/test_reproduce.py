@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from advinterp.train import TrainConfig, train
 from tests.imagenet.conftest import LAYER, run_cli
 
 # Tiny sizes: three test images, three probe images, 3-step opt attacks at one λ.
@@ -78,16 +77,6 @@ def test_rerun_of_given_model_skips_every_stage(lite0_run, capsys):
     assert "Roles in the findings" in out and "efficientnet_lite0: judged as the normally" in out
 
 
-@pytest.fixture(scope="module")
-def two_checkpoints(tmp_path_factory):
-    """Two compact Fashion-MNIST models, briefly trained on different images."""
-    root = tmp_path_factory.mktemp("given")
-    for name, seed in (("plain", 0), ("other", 1)):
-        cfg = TrainConfig(epochs=1, limit=600, batch_size=64, eval_limit=100, seed=seed)
-        train(cfg, root / name, progress=False)
-    return root / "plain" / "model.safetensors", root / "other"
-
-
 def test_models_compares_given_checkpoints_in_their_roles(two_checkpoints, tmp_path, capsys):
     normal, adv = two_checkpoints
     run = tmp_path / "run"
@@ -120,16 +109,61 @@ def test_models_compares_given_checkpoints_in_their_roles(two_checkpoints, tmp_p
     assert set(stages["models"]) == {"plain", "other"} and stages["data"] == "fashion-mnist"
 
 
+def test_models_take_one_weights_file_each(lite0, imagenet_dir, probe_dir, tmp_path, capsys):
+    """``--models NAME NAME --weights - FILE``: each model its own weights, in order (``-``: the
+    name's shipped ones); a name given twice is named after its weights file."""
+    import torch
+
+    from advinterp.data import batches, open_dataset
+    from advinterp.io import read_state_dict
+    from advinterp.models import load_model
+    from advinterp.reproduce import _state_fingerprint
+
+    # Another network of the same architecture: its classifier's rows shifted by one class.
+    state = {k: v.clone() for k, v in lite0.net.state_dict().items()}
+    for key in ("classifier.weight", "classifier.bias"):
+        state[key] = state[key].roll(1, dims=0)
+    weights = tmp_path / "shifted.pth"
+    torch.save(state, weights)
+    run = tmp_path / "run"
+    rc, out, err = run_cli(
+        capsys, "reproduce", "--models", "efficientnet_lite0", "efficientnet_lite0",
+        "--weights", "-", weights, "--data", f"imagefolder:{imagenet_dir}",
+        "--probe", probe_dir, "--out", run, *TINY,
+    )  # fmt: skip
+    assert rc == 0, err[-3000:]
+    shipped, shifted = "efficientnet_lite0", "efficientnet_lite0+shifted"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["models"] == [shipped, shifted]
+    assert summary["roles"][shifted]["weights"] == str(weights)
+    assert "weights" not in summary["roles"][shipped]
+    assert summary["settings"]["weights"] == ["-", str(weights)]
+    # Every stage ran on the weights each model was given: loaded by hand, the same digest and
+    # the same clean predictions as Table 2's stage made.
+    by_hand = {shipped: load_model("efficientnet_lite0"), shifted: load_model(shipped, weights)}
+    key = json.loads((run / "stages" / "table2.json").read_text())["key"]["models"]
+    assert key == {n: _state_fingerprint(m) for n, m in by_hand.items()}
+    assert key[shipped] != key[shifted]
+    correct = read_state_dict(run / "robustness" / "correct.safetensors")
+    for name, model in by_hand.items():
+        data = open_dataset(f"imagefolder:{imagenet_dir}", "test", limit=3, model=model)
+        right = []
+        with torch.inference_mode():
+            for x, y, _ in batches(data, 64):
+                right += (model(x).argmax(1) == y).tolist()
+        assert correct[f"{name}/clean"].bool().tolist() == right, name
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--models", "a", "b", "--archs", "resnet"], "--archs trains models of its own"),
         (["--model", "efficientnet_lite0", "--models", "x"], "not allowed with argument"),
         (["--weights", "w.pth"], "--weights goes with --model or --models"),
-        (["--models", "efficientnet_lite0", "--weights", "w.pth"], "--weights goes with --model"),
+        (["--models", "efficientnet_lite0", "x", "--weights", "w.pth"],
+         "--weights has 1 entry for 2 models"),
         (["--model", "runs/nothing/model.safetensors"], "checkpoint runs/nothing"),
         (["--models", "efficientnet_lite0", "efficientnet_lite0"], "lists efficientnet_lite0 twice"),
-        (["--model", "efficientnet_lite0", "--sweep"], "--sweep runs on the models"),
         (["--model", "efficientnet_lite0", "--data", "imagefolder:/no/such/val"], "does not exist"),
         (["--model", "efficientnet_lite0", "--data", "IMAGENET"], "--probe"),
         (["--model", "efficientnet_lite0", "--data", "IMAGENET", "--probe", "IMAGENET"],
