@@ -758,8 +758,9 @@ def _analysis_parsers(sub) -> None:
         "--dissect-layers",
         nargs="+",
         metavar="LAYER",
-        help='layers of Table 1 (default "units": every unit where the network uses it; '
-        "`advinterp layers MODEL --units` lists them)",
+        help='layers of Table 1: "units" (every unit where the network uses it; `advinterp '
+        'layers MODEL --units` lists them; the default for 28² models), "stages" (the last '
+        "two stages, e.g. layer3 layer4: the default for larger given models) or names",
     )
     p.add_argument(
         "--saliency",
@@ -1085,6 +1086,7 @@ def cmd_dissect(args) -> int:
         dissect_model,
         format_table1,
         map_layers,
+        remove_partials,
         write_dissection,
     )
     from advinterp.data.broden import open_probe
@@ -1145,8 +1147,7 @@ def cmd_dissect(args) -> int:
     if not world.is_main:  # process 0 speaks for all
         return 0
     table = write_dissection(result, out, name=name)
-    for side in ("real", "adversarial"):
-        (out / f"{side}.partial").unlink(missing_ok=True)
+    remove_partials(out)
     if result.attack:
         a = result.attack
         print(

@@ -104,8 +104,11 @@ class ReproduceConfig:
     pgd_images: int | None = None
     autoattack_images: int | None = None
     eps: Sequence[float] = (4, 8, 16)
-    # Every unit where the network uses it (after BN and ReLU): 240 units of ``resnet``.
-    dissect_layers: Sequence[str] = ("units",)
+    # Table 1's layers: by default every unit where the network uses it (after BN and ReLU:
+    # 240 units of ``resnet``) for 28² models, the last two stages (``"stages"``:
+    # ``layer3 layer4`` of ResNet-18) for larger given ones, whose every unit at 224² would
+    # hold gigabytes of counts.
+    dissect_layers: Sequence[str] | None = None
     gallery_units: int = 8
     saliency: str = "discrepancy"
     # The opt attack's iterate: "final" (eq. 4 as written) or "closest" successful one.
@@ -153,7 +156,8 @@ class ReproduceConfig:
         if self.weights is not None and not isinstance(self.weights, str):
             values["weights"] = tuple(self.weights)
         values["eps"] = tuple(self.eps)
-        values["dissect_layers"] = tuple(self.dissect_layers)
+        if self.dissect_layers is not None:
+            values["dissect_layers"] = tuple(self.dissect_layers)
         values["lam_grid"] = tuple(self.lam_grid)
         values["steps_grid"] = tuple(self.steps_grid)
         return ReproduceConfig(**values)
@@ -330,6 +334,8 @@ def _reproduce(cfg: ReproduceConfig, out: str | Path, progress: bool) -> tuple[d
     cfg = cfg.resolved()
     if cfg.models:
         return _reproduce_given(cfg, out, progress)
+    if cfg.dissect_layers is None:
+        cfg.dissect_layers = ("units",)
     # The same architecture twice would train and analyse the same models twice.
     cfg.archs = tuple(dict.fromkeys(cfg.archs))
     if not cfg.archs:
@@ -470,6 +476,7 @@ def _check_given(cfg) -> dict[str, dict]:
     ``-Adv`` and ``-AT`` added with ``train_data``). Sets ``cfg.data`` to fashion-mnist
     when unset. A name given twice with other weights files is named after them
     (``resnet18+r18``, ``resnet18+r18-adv``)."""
+    from advinterp.analysis.dissection import map_layers
     from advinterp.data import open_dataset
     from advinterp.models import checkpoint_config, load_model
 
@@ -497,6 +504,9 @@ def _check_given(cfg) -> dict[str, dict]:
     roles = ["normal", "adv", "at"]
     for i, (spec, w) in enumerate(pairs):
         model = load_model(spec, w)
+        if cfg.dissect_layers is None:
+            cfg.dissect_layers = ("units",) if model.input_size <= 64 else ("stages",)
+        map_layers(model, cfg.dissect_layers)  # names checked before any stage runs
         name = _given_name(spec, w if specs.count(spec) > 1 else None)
         while name in given:  # two checkpoints in folders of the same name
             name += "+"
@@ -1241,12 +1251,13 @@ def _semantics_and_galleries(run: Path, names, cfg, progress: bool) -> None:
 
 
 def _dissect(run: Path, name: str, cfg, progress: bool) -> None:
-    from advinterp.analysis.dissection import dissect_model, write_dissection
+    from advinterp.analysis.dissection import dissect_model
 
     model = _load(run, name, cfg)
     probe = _probe(cfg, model)
     folder = run / "dissect" / name
-    # dissect_model itself rebuilds a set made from another model, probe size or seed.
+    # dissect_model itself rebuilds a set made from another model, probe size or seed; a
+    # killed stage resumes from the last finished chunk of each pass (FOLDER/*.partial).
     result = dissect_model(
         model,
         probe,
@@ -1256,12 +1267,9 @@ def _dissect(run: Path, name: str, cfg, progress: bool) -> None:
         seed=cfg.seed,
         progress=progress,
         per_image=True,
+        partials=folder,
     )
-    write_dissection(result, folder, name=name)
-    write_json(
-        folder / "bootstrap.json",
-        _table1_resamples(result, len(probe), cfg.seed, cfg.draws or DRAWS),
-    )
+    _write_table1(result, folder, name, len(probe), cfg)
 
 
 def _dissect_random(run: Path, arch: str, cfg, progress: bool, twin=None) -> None:
@@ -1269,7 +1277,7 @@ def _dissect_random(run: Path, arch: str, cfg, progress: bool, twin=None) -> Non
     the same probe and layers, real images only. Network Dissection's paper reads its
     shares against the same control. ``twin()``, where given, builds that network (for a
     given model: :func:`_random_twin`)."""
-    from advinterp.analysis.dissection import dissect_model, write_dissection
+    from advinterp.analysis.dissection import dissect_model
     from advinterp.models import create_model
 
     with torch.random.fork_rng():
@@ -1278,13 +1286,27 @@ def _dissect_random(run: Path, arch: str, cfg, progress: bool, twin=None) -> Non
     probe = _probe(cfg, model)
     folder = run / "dissect" / random_name(arch)
     result = dissect_model(
-        model, probe, layers=cfg.dissect_layers, seed=cfg.seed, progress=progress, per_image=True
+        model,
+        probe,
+        layers=cfg.dissect_layers,
+        seed=cfg.seed,
+        progress=progress,
+        per_image=True,
+        partials=folder,
     )
-    write_dissection(result, folder, name=random_name(arch))
+    _write_table1(result, folder, random_name(arch), len(probe), cfg)
+
+
+def _write_table1(result, folder: Path, name: str, n_images: int, cfg) -> None:
+    """A dissection stage's outputs: the tallies and Table 1, its bootstrap; then the
+    passes' checkpoints go."""
+    from advinterp.analysis.dissection import remove_partials, write_dissection
+
+    write_dissection(result, folder, name=name)
     write_json(
-        folder / "bootstrap.json",
-        _table1_resamples(result, len(probe), cfg.seed, cfg.draws or DRAWS),
+        folder / "bootstrap.json", _table1_resamples(result, n_images, cfg.seed, cfg.draws or DRAWS)
     )
+    remove_partials(folder)
 
 
 def _table1_resamples(result, n_images: int, seed: int, draws: int | None = None) -> dict:

@@ -49,6 +49,7 @@ __all__ = [
     "format_table1",
     "map_layers",
     "plot_table1",
+    "remove_partials",
     "table1",
     "write_dissection",
 ]
@@ -88,8 +89,12 @@ def default_dissect_layers(model) -> list[str]:
 def map_layers(model, layers: Sequence[str]) -> list[str]:
     """``layers`` checked before any work: each must exist (raises the recorder's
     "unknown layer" error) and give ``C×H×W`` maps (a ``Linear`` layer's vector has no
-    spatial extent to compare with a mask)."""
-    names = resolve_layers(model, list(layers))
+    spatial extent to compare with a mask). ``["stages"]`` is
+    :func:`default_dissect_layers`."""
+    layers = list(layers)
+    if layers == ["stages"]:
+        layers = default_dissect_layers(model)
+    names = resolve_layers(model, layers)
     found = {name: (kind, shape) for name, kind, shape in layer_shapes(model)}
     modules = dict(getattr(model, "net", model).named_modules())
     # Names with a call number (``relu#1``, a module's first call in a pass) are measured
@@ -324,6 +329,14 @@ def dissect_model(
             **common("adversarial", {"attack": expected | {"chunk": attack_chunk}}),
         )
     return result
+
+
+def remove_partials(folder: str | Path) -> None:
+    """Remove the passes' checkpoints :func:`dissect_model` kept in ``folder`` (``partials``):
+    once the results are written they are not needed."""
+    for side in SIDES:
+        for path in Path(folder).glob(f"{side}*.partial"):
+            path.unlink(missing_ok=True)
 
 
 def table1(result: DissectionResult) -> dict:

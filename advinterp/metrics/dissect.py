@@ -25,6 +25,7 @@ pass ``iou_threshold=0.4`` to follow its text.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,12 @@ from advinterp.stats.iou import Concepts
 from advinterp.stats.quantile import tail_window
 from advinterp.tally import Tally, weights_fingerprint
 
-__all__ = ["Dissection", "UnitConcept", "dissect", "label_categories"]
+__all__ = ["Dissection", "UnitConcept", "dissect", "label_categories", "PER_IMAGE_PIXELS"]
+
+#: With ``per_image``, the pixels the one pass may keep until the thresholds are known
+#: (about 18 bytes each, so ≈ 2.4 GB); a probe expected to need more is dissected in two
+#: passes, the second counting the IoU image by image at the thresholds of the first.
+PER_IMAGE_PIXELS = 1 << 27
 
 # A probe batch: images N×C×H×W in [0, 1], and per category name its label masks
 # (N×S×H×W or N×H×W pixel masks, or N×S image-level labels; 0 = none).
@@ -159,6 +165,7 @@ def dissect(
     chunk: int | None = None,
     fingerprint: Mapping | None = None,
     desc: str = "dissect",
+    per_image_pixels: int = PER_IMAGE_PIXELS,
 ) -> Dissection | dict[str, Dissection]:
     """Dissect one layer (or several, in the same pass) of ``model`` on a probe.
 
@@ -223,12 +230,21 @@ def dissect(
     index = {name: k for k, name in enumerate(names)}
     layers = [layer] if isinstance(layer, str) else list(layer)
     model.eval()
+    base_fingerprint = None
+    if numbered is not None:
+        base_fingerprint = {
+            "model": weights_fingerprint(model),
+            "labels": len(labels),
+            "categories": {k: list(v) for k, v in categories.items()},
+            "quantile": quantile,
+            **dict(fingerprint or {}),
+        }
     with (
         Recorder(model, layers, reduce=None, keep_maps=layers, stop=True) as rec,
         torch.inference_mode(),
     ):
-        # The layers' shapes, from the first batch (kept, as the pass's first) or, when
-        # the pass is read by number, from its first image.
+        # The layers' shapes and the masks' size, from the first batch (kept, as the pass's
+        # first) or, when the pass is read by number, from its first image.
         if numbered is None:
             stream = iter(batches)
             first = next(stream, None)
@@ -236,111 +252,158 @@ def dissect(
                 raise UserError("the probe is empty: no images to dissect")
             rec(first[0])
         else:
-            rec(next(iter(numbered([0])))[0][:1])
+            first = next(iter(numbered([0])))
+            rec(first[0][:1])
         shapes = {name: tuple(rec.maps[name].shape[1:]) for name in rec.layers}
         for name, shape in shapes.items():
             if len(shape) != 3:
                 raise UserError(
                     f"layer {name} gives {len(shape) + 1}-D output: dissect a conv layer"
                 )
+        mask_sizes = [tuple(m.shape[-2:]) for m in first[1].values() if m.dim() >= 3]
+        # Kept per image until the thresholds are known: the pixels that may lie in a mask,
+        # 1.3-1.6 times those that do. Per image, past a budget, a second pass counts them.
+        pixels = math.prod(mask_sizes[0]) if mask_sizes else None
+        expected = sum(
+            1.6 * (1 - quantile) * (pixels or h * w) * units for units, h, w in shapes.values()
+        ) * (images or 0)
+        two_passes = per_image and expected > per_image_pixels
+        if two_passes and numbered is None and iter(batches) is batches:
+            two_passes = False  # a stream read once: keep the pixels
+        bar_total = None if images is None else -(-images // _batch_size(batches, first))
 
-        def make() -> dict[str, object]:
-            stats: dict[str, object] = {}
-            for name, (units, h, w) in shapes.items():
-                total = None if images is None else images * h * w
-                stats[f"top:{name}"] = TopQuantile(units, quantile, total=total)
-                stats[f"iou:{name}"] = DeferredIoU(
-                    units,
-                    len(labels),
-                    label_category,
-                    len(names),
-                    bins=bins,
-                    per_image=per_image,
-                    exact_pixels=exact_pixels,
-                )
-            return stats
+        def masks_of(masks) -> _Masks:
+            unknown = set(masks) - set(index)
+            if unknown:
+                raise UserError(f"probe masks name categories {sorted(unknown)} not among {names}")
+            device = rec.maps[rec.layers[0]].device
+            return _Masks({index[k]: v for k, v in masks.items()}, len(labels), len(names), device)
 
-        def feed(stream, fresh, before, bar, recorded: bool = False) -> None:
-            """Fold ``stream``'s batches into ``fresh`` (the first already ``recorded``);
-            each unit's window comes from the thresholds' store of the chunks ``before``
-            (the same on every process), or in the first chunk from this one's values."""
-            looked = dict.fromkeys(rec.layers, 0)
-            bounds: dict[str, torch.Tensor] = {}
-            for x, masks in stream:
-                unknown = set(masks) - set(index)
-                if unknown:
-                    raise UserError(
-                        f"probe masks name categories {sorted(unknown)} not among {names}"
-                    )
-                if not recorded:
-                    rec(x)
-                recorded = False
-                device = rec.maps[rec.layers[0]].device
-                concepts = Concepts(
-                    {index[k]: v for k, v in masks.items()}, len(labels), len(names), device=device
-                )
-                for name in rec.layers:
-                    maps = rec.maps[name]
-                    top, counts = fresh[f"top:{name}"], fresh[f"iou:{name}"]
-                    top.add(maps)
-                    guide = before[f"top:{name}"] if before[f"top:{name}"].count else top
-                    # The window where a threshold will lie moves less and less as values
-                    # come: read it again each time the values grew by an eighth.
-                    window = None
-                    if counts.low is None or guide.count >= looked[name] * 1.125:
-                        window = tuple(t.to(device) for t in tail_window(guide))
-                        bounds[name] = guide.lower_bound().to(device)
-                        looked[name] = guide.count
-                    counts.add(maps, concepts, window, bound=bounds[name])
-                bar.update()
+        def run(make, fold, what: str, suffix: str = ""):
+            """One pass: ``fold(name, maps, masks, fresh, before, first_of_chunk)`` each
+            layer of each batch into ``fresh``, in chunks through a Tally (the statistics
+            merged after each; ``before``: the chunks before) when the batches are read by
+            number, else at once; returns the statistics of every image."""
+            label = f"{desc}{suffix}"
 
-        if numbered is None:
-            stats = make()
-            with tqdm(
-                total=len(batches) if hasattr(batches, "__len__") else None,
-                desc=desc,
-                disable=not progress,
-            ) as bar:
-                feed(itertools.chain([first], stream), stats, stats, bar, recorded=True)
-        else:
+            def feed(stream, fresh, before, bar, recorded: bool = False) -> None:
+                start = True
+                for x, masks in stream:
+                    if not recorded:
+                        rec(x)
+                    recorded = False
+                    batch = masks_of(masks)
+                    for name in rec.layers:
+                        fold(name, rec.maps[name], batch, fresh, before, start)
+                    start = False
+                    bar.update()
+
+            if numbered is None:
+                stats = make()
+                with tqdm(total=bar_total, desc=label, disable=not progress) as bar:
+                    if suffix:  # a later pass: read the batches again
+                        feed(iter(batches), stats, stats, bar)
+                    else:
+                        feed(itertools.chain([first], stream), stats, stats, bar, recorded=True)
+                return stats
             tally = Tally(
                 make,
                 images,
                 batches.batch_size,
                 chunk=chunk,
                 world=world,
-                partial=partial,
-                fingerprint={
-                    "pass": "dissect",
-                    "model": weights_fingerprint(model),
-                    "layers": list(rec.layers),
-                    "labels": len(labels),
-                    "categories": {k: list(v) for k, v in categories.items()},
-                    "quantile": quantile,
-                    "bins": bins,
-                    "exact_pixels": exact_pixels,
-                    "per_image": per_image,
-                    **dict(fingerprint or {}),
-                },
+                partial=None if partial is None else _partial_of(Path(partial), suffix),
+                fingerprint={"pass": f"dissect {what}", "layers": list(rec.layers)}
+                | base_fingerprint,
                 progress=progress,
-                desc=desc,
+                desc=label,
             )
             with tqdm(
-                total=tally.remaining(), desc=desc, disable=not (progress and world.is_main)
+                total=tally.remaining(), desc=label, disable=not (progress and world.is_main)
             ) as bar:
                 for numbers in tally.chunks():
                     fresh = make()
                     feed(numbered(numbers), fresh, tally.stats, bar)
                     tally.commit(fresh)
-            stats = tally.stats
+            return tally.stats
+
+        def tops() -> dict[str, object]:
+            return {
+                f"top:{name}": TopQuantile(
+                    units, quantile, total=None if images is None else images * h * w
+                )
+                for name, (units, h, w) in shapes.items()
+            }
+
+        if two_passes:
+            # The thresholds first; then the IoU counted image by image at them.
+            stats = run(
+                tops,
+                lambda name, maps, c, fresh, b, s: fresh[f"top:{name}"].add(maps),
+                "thresholds",
+            )
+            thresholds = {name: stats[f"top:{name}"].quantile() for name in rec.layers}
+
+            def counts() -> dict[str, object]:
+                return {
+                    f"iou:{name}": IoUCounts(
+                        units, len(labels), label_category, len(names), per_image=True
+                    )
+                    for name, (units, _, _) in shapes.items()
+                }
+
+            def count(name, maps, masks, fresh, before, start) -> None:
+                fresh[f"iou:{name}"].add(maps, thresholds[name].to(maps.device), masks.indexed)
+
+            stats |= run(counts, count, "counts", suffix=" counts")
+        else:
+
+            def make() -> dict[str, object]:
+                stats = tops()
+                for name, (units, _, _) in shapes.items():
+                    stats[f"iou:{name}"] = DeferredIoU(
+                        units,
+                        len(labels),
+                        label_category,
+                        len(names),
+                        bins=bins,
+                        per_image=per_image,
+                        exact_pixels=exact_pixels,
+                    )
+                return stats
+
+            looked: dict[str, int] = {}
+            bounds: dict[str, torch.Tensor] = {}
+
+            def fold(name, maps, masks, fresh, before, start) -> None:
+                """Each unit's window comes from the thresholds' store of the chunks
+                ``before`` (the same on every process), or in the first chunk from this
+                one's values; it is read again each time the values grew by an eighth."""
+                top, counts = fresh[f"top:{name}"], fresh[f"iou:{name}"]
+                top.add(maps)
+                guide = before[f"top:{name}"] if before[f"top:{name}"].count else top
+                window = None
+                if start:
+                    looked[name] = 0
+                if counts.low is None or guide.count >= looked[name] * 1.125:
+                    window = tuple(t.to(maps.device) for t in tail_window(guide))
+                    bounds[name] = guide.lower_bound().to(maps.device)
+                    looked[name] = guide.count
+                counts.add(maps, masks.concepts, window, bound=bounds[name])
+
+            stats = run(make, fold, "one pass")
     results = {}
     for name in rec.layers:
-        top, counts = stats[f"top:{name}"], stats[f"iou:{name}"]
+        top = stats[f"top:{name}"]
         if top.count == 0:
             raise UserError("the probe is empty: no images to dissect")
         thresholds = top.quantile()
-        _warn_inexact(name, top.exact(), counts.exact(thresholds))
-        tally_counts = counts.counts(thresholds)
+        if two_passes:
+            tally_counts = stats[f"iou:{name}"]
+            _warn_inexact(name, top.exact(), torch.ones_like(top.exact()))
+        else:
+            _warn_inexact(name, top.exact(), stats[f"iou:{name}"].exact(thresholds))
+            tally_counts = stats[f"iou:{name}"].counts(thresholds)
         results[name] = Dissection(
             layer=name,
             thresholds=thresholds.cpu(),
@@ -352,6 +415,35 @@ def dissect(
             counts=tally_counts if per_image else None,
         )
     return results[rec.layers[0]] if isinstance(layer, str) else results
+
+
+class _Masks:
+    """A batch's masks by category index, and laid out once for every layer's
+    :class:`~advinterp.stats.DeferredIoU` (:class:`Concepts`) when asked."""
+
+    def __init__(self, indexed, num_labels: int, num_categories: int, device):
+        self.indexed = indexed
+        self._args = (num_labels, num_categories)
+        self._device = device
+        self._concepts: Concepts | None = None
+
+    @property
+    def concepts(self) -> Concepts:
+        if self._concepts is None:
+            self._concepts = Concepts(self.indexed, *self._args, device=self._device)
+        return self._concepts
+
+
+def _batch_size(batches, first) -> int:
+    return getattr(batches, "batch_size", None) or len(first[0])
+
+
+def _partial_of(partial: Path, suffix: str) -> Path:
+    """The checkpoint of a pass: ``partial`` for the first, ``<stem>.counts.partial`` for the
+    second pass of a two-pass dissection."""
+    if not suffix:
+        return partial
+    return partial.with_name(f"{partial.stem}.{suffix.strip()}{partial.suffix}")
 
 
 def _warn_inexact(layer: str, threshold_exact: torch.Tensor, counts_exact: torch.Tensor) -> None:

@@ -327,15 +327,27 @@ class IoUCounts:
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only, so ``advinterp.io.save_tensors`` can write it (the totals: per-image
-        counts are not saved)."""
-        return {
+        """Tensors only, so ``advinterp.io.save_tensors`` can write it: the totals, and with
+        ``per_image`` the counts of each image (``image_*``)."""
+        state = {
             "intersection": self.intersection,
             "label_area": self.label_area,
             "unit_area": self.unit_area,
             "label_category": self.label_category,
             "count": torch.tensor(self.count, dtype=torch.int64),
         }
+        if self.per_image:
+            empty = {
+                "inter_index": torch.zeros(2, 0, dtype=torch.int64),
+                "inter_value": torch.zeros(0),
+                "unit_area": torch.zeros(0, self.num_units),
+                "label_area": torch.zeros(0, self.num_labels),
+                "annotated": torch.zeros(0, self.num_categories, dtype=torch.bool),
+            }
+            for key, parts in self._images.items():
+                dim = 1 if key == "inter_index" else 0
+                state[f"image_{key}"] = torch.cat(parts, dim) if parts else empty[key]
+        return state
 
     def set_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         try:
@@ -359,6 +371,9 @@ class IoUCounts:
         self.unit_area = unit_area.double().clone()
         self.count = int(state.get("count", 0))
         self._placed = False
+        if "image_unit_area" in state:
+            self.per_image = True
+            self._images = {key: [state[f"image_{key}"].clone()] for key in self._images}
 
 
 # DeferredIoU's bins beside the fine bins of the window, each twice as wide as the one

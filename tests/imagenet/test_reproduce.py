@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from advinterp.errors import UserError
 from tests.imagenet.conftest import LAYER, run_cli
 
 # Tiny sizes: three test images, three probe images, 3-step opt attacks at one λ.
@@ -214,3 +215,26 @@ def test_train_data_fine_tunes_adv_and_at_from_the_given_model(two_checkpoints, 
     claims = [f["claim"] for f in summary["findings"]]
     assert any(c.startswith("plain-Adv vs plain-AT") for c in claims)
     assert sum("CS1 stays high" in c for c in claims) == 2
+
+
+def test_given_models_dissect_a_size_of_network_that_fits(
+    lite0, imagenet_dir, probe_dir, two_checkpoints
+):
+    """Without ``--dissect-layers``, Table 1 reads every unit of a 28² model but the last two
+    stages of a 224² one: every unit of efficientnet_lite0 (21,008) on a Broden probe would
+    hold gigabytes of IoU counts."""
+    from advinterp.analysis.dissection import map_layers
+    from advinterp.reproduce import ReproduceConfig, _check_given
+
+    cfg = ReproduceConfig(
+        models=("efficientnet_lite0",), data=f"imagefolder:{imagenet_dir}", probe=str(probe_dir)
+    ).resolved()
+    _check_given(cfg)
+    assert cfg.dissect_layers == ("stages",)
+    assert map_layers(lite0, cfg.dissect_layers) == ["blocks.5", "blocks.6"]
+    cfg = ReproduceConfig(models=(str(two_checkpoints[0]),)).resolved()
+    _check_given(cfg)
+    assert cfg.dissect_layers == ("units",)
+    cfg = ReproduceConfig(models=(str(two_checkpoints[0]),), dissect_layers=("nope",)).resolved()
+    with pytest.raises(UserError, match="nope"):
+        _check_given(cfg)

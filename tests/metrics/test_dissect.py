@@ -215,12 +215,20 @@ def test_per_image_counts_resample_as_a_second_pass(embedded):
     ours = dissect(model, "layer3", batches, probe.categories, probe.labels, per_image=True)
     weights = resample_counts(len(probe), 20, seed=0)
     torch.testing.assert_close(ours.counts.resampled(weights), counts.resampled(weights))
-    # Merged from chunks, the images stay in the probe's order.
-    chunked = dissect(
-        model, "layer3", probe_batches(probe, 50), probe.categories, probe.labels,
-        per_image=True, chunk=150,
-    )  # fmt: skip
-    torch.testing.assert_close(chunked.counts.resampled(weights), counts.resampled(weights))
+    # Merged from chunks, the images stay in the probe's order; and past the pixels the one
+    # pass may keep, a second pass counts them (in chunks too: the per-image counts travel
+    # in the statistics' state).
+    for source, options in (
+        (probe_batches(probe, 50), {"chunk": 150}),
+        (batches, {"per_image_pixels": 0}),
+        (probe_batches(probe, 50), {"chunk": 150, "per_image_pixels": 0}),
+    ):
+        again = dissect(
+            model, "layer3", source, probe.categories, probe.labels, per_image=True, **options
+        )
+        assert torch.equal(again.thresholds, thresholds)
+        torch.testing.assert_close(again.iou, counts.result(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(again.counts.resampled(weights), counts.resampled(weights))
     assert torch.equal(
         ours.interpretable_resampled(weights),
         Dissection(

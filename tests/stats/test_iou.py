@@ -66,6 +66,18 @@ def test_batches_and_merged_shards_equal_one_pass(tmp_path):
     resumed.set_state_dict(read_state_dict(tmp_path / "iou.safetensors"))
     first.merge(resumed)
     torch.testing.assert_close(first.result(), whole.result())
+    # Per image too: the counts of each image travel in the state, in image order.
+    whole = IoUCounts(3, 6, LABEL_CATEGORY, per_image=True)
+    whole.add(maps, thresholds, labels)
+    first, second = (IoUCounts(3, 6, LABEL_CATEGORY, per_image=True) for _ in range(2))
+    first.add(maps[:3], thresholds, {k: v[:3] for k, v in labels.items()})
+    second.add(maps[3:], thresholds, {k: v[3:] for k, v in labels.items()})
+    save_tensors(tmp_path / "per-image.safetensors", second.state_dict())
+    resumed = IoUCounts(3, 6, LABEL_CATEGORY, per_image=True)
+    resumed.set_state_dict(read_state_dict(tmp_path / "per-image.safetensors"))
+    first.merge(resumed)
+    weights = torch.randint(0, 3, (4, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(first.resampled(weights), whole.resampled(weights))
 
 
 def test_unit_copying_a_concept_mask_scores_one():
