@@ -13,7 +13,11 @@ largest activations kept as they come (:class:`~advinterp.stats.TopQuantile`, th
 numbers as ``torch.quantile`` over all of them), and the IoU counts are kept until the
 thresholds are known (:class:`~advinterp.stats.DeferredIoU`): the pixels that may end
 up inside a mask one by one (then the IoU is exact, as a second pass would count it),
-past a memory budget in fine bins around each threshold (within ~1e-3).
+past a memory budget in fine bins around each threshold (within ~1e-3). Counts kept image
+by image cannot be binned: past their own budget the model runs a second pass over the
+probe, counting them at the known thresholds. The passes go through a
+:class:`~advinterp.tally.Tally` when the probe can be read by number: across ``torchrun``
+processes and resumable from the last finished chunk of images.
 
 A unit is *interpretable* when its best IoU exceeds ``iou_threshold`` and is
 counted in its best concept's category, as in NetDissect's tally. The default
@@ -189,7 +193,11 @@ def dissect(
         per_image: keep the IoU counts image by image (``Dissection.counts``), so
             Table 1 can be recomputed on resamples of the probe
             (:meth:`Dissection.interpretable_resampled`); the counts are then exact
-            (see :class:`~advinterp.stats.DeferredIoU`) and memory grows with the images.
+            (see :class:`~advinterp.stats.DeferredIoU`) and the pixels kept until the
+            thresholds are known grow with the images: where more than
+            ``per_image_pixels`` are expected (:data:`PER_IMAGE_PIXELS`) and the batches
+            can be read again, the model runs twice, the second pass counting the IoU
+            at the first one's thresholds.
         bins, exact_pixels: how the IoU counts are kept until the thresholds are known
             (:class:`~advinterp.stats.DeferredIoU`): up to ``exact_pixels`` pixels per
             layer one by one, so that the counts are exact (the embedded probe's 3,000
