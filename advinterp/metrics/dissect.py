@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -279,6 +280,20 @@ def dissect(
         if two_passes and numbered is None and iter(batches) is batches:
             two_passes = False  # a stream read once: keep the pixels
         bar_total = None if images is None else -(-images // _batch_size(batches, first))
+        _check_memory(
+            shapes,
+            images,
+            quantile,
+            pixels,
+            len(labels),
+            len(names),
+            bins,
+            exact_pixels,
+            per_image,
+            two_passes,
+            copies=1 if numbered is None else 2 + (world.size > 1),
+            device=rec.maps[rec.layers[0]].device,
+        )
 
         def masks_of(masks) -> _Masks:
             unknown = set(masks) - set(index)
@@ -440,6 +455,42 @@ class _Masks:
         if self._concepts is None:
             self._concepts = Concepts(self.indexed, *self._args, device=self._device)
         return self._concepts
+
+
+def _check_memory(
+    shapes, images, quantile, pixels, labels, categories, bins, exact_pixels, per_image,
+    two_passes, copies, device,
+) -> None:  # fmt: skip
+    """Refuse, before any work, a dissection whose statistics would not fit in the memory of
+    ``device`` (the largest of them held ``copies`` times: the merged ones, a chunk's, and
+    across processes another process's being merged)."""
+    if not images:
+        return
+    held = 0.0
+    for units, h, w in shapes.values():
+        values = images * h * w
+        need = (1 - quantile) * values
+        held += 4 * units * (need + 8 * math.sqrt(need) + 64)  # each unit's largest values
+        kept = 1.6 * (1 - quantile) * (pixels or h * w) * units * images
+        if two_passes:  # per image: each unit's and label's area, the sparse intersections
+            held += copies * 4 * images * (units + labels)
+        else:
+            cells = bins + 8
+            held += copies * units * cells * (8 * (labels + categories) + 8)  # the bins
+            held += copies * 18 * (kept if per_image else min(kept, exact_pixels or 0))
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        where = f"{device}'s"
+    else:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        where = "this machine's"
+    if held > 0.8 * total:
+        units = sum(u for u, _, _ in shapes.values())
+        raise UserError(
+            f"dissecting {units} units on {images} probe images would hold about "
+            f"{held / 2**30:.1f} GiB of statistics, more than {where} {total / 2**30:.0f} GiB "
+            "allows: dissect fewer layers (the last two stages: stages) or fewer probe images"
+        )
 
 
 def _batch_size(batches, first) -> int:

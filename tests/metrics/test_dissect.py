@@ -236,3 +236,18 @@ def test_per_image_counts_resample_as_a_second_pass(embedded):
             ours.label_category, 0.04, counts,
         ).interpretable_resampled(weights),
     )  # fmt: skip
+
+
+def test_statistics_that_cannot_fit_are_refused_before_any_work():
+    """Every unit of a 224² network against Broden's labels on two million images: a
+    terabyte of statistics, one line; the last two stages of ResNet-18 on Broden's 63,305
+    images fit (about 1.5 GiB)."""
+    from advinterp.metrics.dissect import _check_memory
+
+    every_unit = {f"blocks.{i}": (1000, 14, 14) for i in range(21)}
+    last_two = {"layer3": (256, 14, 14), "layer4": (512, 7, 7)}
+    common = dict(quantile=0.995, pixels=112 * 112, labels=1198, categories=6, bins=64)
+    common |= dict(exact_pixels=1 << 21, per_image=False, two_passes=False, copies=2)
+    with pytest.raises(UserError, match=r"21000 units on 2000000 probe images .* GiB"):
+        _check_memory(every_unit, 2_000_000, device=torch.device("cpu"), **common)
+    _check_memory(last_two, 63305, device=torch.device("cpu"), **common)
