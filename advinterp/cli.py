@@ -831,8 +831,9 @@ def _analysis_parsers(sub) -> None:
     p.add_argument(
         "--layer",
         nargs="+",
-        help="layers to dissect, each giving C×H×W maps (default: the last two stages, e.g. "
-        "layer2 layer3; `advinterp layers MODEL` lists them)",
+        help="layers to dissect, each giving C×H×W maps (default stages: the last two stages, "
+        'e.g. layer3 layer4 of ResNet-18; "units": every unit where the network uses it; '
+        "`advinterp layers MODEL [--units]` lists them)",
     )
     p.add_argument(
         "--adversarial",
