@@ -16,6 +16,7 @@ import bisect
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -227,14 +228,14 @@ def build_adversarial_set(
     decoded by ``workers`` processes; each chunk is attacked in batches of
     ``batch_size`` on the model's device and written as one shard, so memory
     does not grow with the number of images. Chunk ``i`` is attacked with seed
-    ``seed + i``, so a resumed run gives the same set as an uninterrupted one. Under ``torchrun`` (``torch.distributed``
-    initialised, N processes) process ``r`` attacks the chunks ``i`` with
-    ``i % N == r``: the same shards as one process, N at a time; process 0
-    writes ``settings.json`` and ``attack.json`` and shows the progress bar.
+    ``seed + i``, so a resumed run gives the same set as an uninterrupted one, and only
+    the chunks without a shard are read again. Under ``torchrun``
+    (``torch.distributed`` initialised, N processes) process ``r`` reads and attacks
+    the chunks ``i`` with ``i % N == r``: the same shards as one process, N at a time;
+    process 0 writes ``settings.json`` and ``attack.json`` and shows the progress bar.
     Returns the contents of ``attack.json``.
     """
     from advinterp.attacks import make_attack
-    from advinterp.data import batches
     from advinterp.device import model_device
     from advinterp.io import save_tensors, write_json
     from advinterp.progress import progress as tqdm
@@ -273,20 +274,28 @@ def build_adversarial_set(
         write_json(out / "settings.json", settings)
     n_chunks = -(-len(dataset) // chunk)
     mine = [i for i in range(n_chunks) if i % world.size == world.rank]
-    total = sum(min(chunk, len(dataset) - i * chunk) for i in mine)
+
+    def size(i: int) -> int:
+        return min(chunk, len(dataset) - i * chunk)
+
+    todo = [i for i in mine if not (shard_dir / f"{i:05d}.safetensors").exists()]
     bar = tqdm(
-        total=total, desc=f"attack {method}", unit="img", disable=not (progress and world.is_main)
+        total=sum(size(i) for i in mine),
+        initial=sum(size(i) for i in mine if i not in todo),
+        desc=f"attack {method}",
+        unit="img",
+        disable=not (progress and world.is_main),
     )
-    # Image folders are decoded by every process (the chunks' boundaries must agree); in-memory
-    # sets are only sliced.
+    # Only this process's unfinished chunks are read (decoded, for an image folder).
     on_cuda = model_device(model).type == "cuda"
-    for i, (x, y, idx) in enumerate(batches(dataset, chunk, workers=workers, pin_memory=on_cuda)):
-        if i % world.size != world.rank:
-            continue
+    chunks = _read_chunks(dataset, todo, chunk, workers, on_cuda)
+    for i, (x, y, idx) in zip(todo, chunks, strict=True):
         path = shard_dir / f"{i:05d}.safetensors"
-        if path.exists():
-            bar.update(len(y))
-            continue
+        if not len(y):
+            raise UserError(
+                f"images {i * chunk}–{i * chunk + size(i) - 1} of {getattr(dataset, 'name', '')} "
+                "could not be decoded, not one of them: check the folder"
+            )
         attack = make_attack(method, model, eps=eps, targeted=targeted, seed=seed + i, **kwargs)
         # The model's outputs come back to the CPU, where the chunk and its shard live.
         with torch.inference_mode():
@@ -314,7 +323,7 @@ def build_adversarial_set(
                 "linf": linf,
             },
         )
-        bar.update(len(y))
+        bar.update(size(i))
         # Freed before the next chunk is read: never two chunks in memory at once.
         del x, x_adv
     bar.close()
@@ -331,6 +340,35 @@ def build_adversarial_set(
         write_json(out / "attack.json", meta)
     world.barrier()  # no process returns before the set is complete
     return meta
+
+
+def _read_chunks(
+    dataset, numbers: list[int], chunk: int, workers: int, pin_memory: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(images, labels, indices)`` of chunks ``numbers`` (chunk ``i``: items ``i·chunk …``):
+    an in-memory set sliced, an image folder decoded by ``workers`` processes, its
+    undecodable images left out (a warning counts them at the end, as
+    :func:`advinterp.data.batches`)."""
+    from advinterp.data import TensorImageSet, decoded_batches
+
+    n = len(dataset)
+    if isinstance(dataset, TensorImageSet):
+        for i in numbers:
+            rows = slice(i * chunk, min(n, (i + 1) * chunk))
+            yield (
+                dataset.images[rows].float().div_(255),
+                dataset.labels[rows],
+                torch.arange(n)[rows],
+            )
+        return
+    index = [list(range(i * chunk, min(n, (i + 1) * chunk))) for i in numbers]
+    skipped = 0
+    for x, y, idx, bad in decoded_batches(dataset, index, workers, pin_memory):
+        skipped += bad
+        yield x, y, idx
+    if skipped:
+        dataset.skipped = skipped
+        warnings.warn(f"skipped {skipped} image(s) that could not be decoded", stacklevel=2)
 
 
 def _distances(

@@ -75,6 +75,37 @@ def test_a_resumed_set_equals_an_uninterrupted_one(small_run, tmp_path):
         build_adversarial_set(model, data, tmp_path / "b", resume=True, **{**kw, "seed": 5})
 
 
+class _Counting(torch.utils.data.Dataset):
+    """An image-folder-like set (items decoded one by one) that records which it read."""
+
+    def __init__(self, data):
+        self.data, self.name, self.read = data, data.name, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        self.read.append(i)
+        return self.data.images[i].float() / 255, int(self.data.labels[i]), i
+
+
+def test_a_resumed_set_reads_only_its_unfinished_chunks(small_run, tmp_path):
+    model = load_model(str(small_run / "model.safetensors"))
+    data = open_dataset("fashion-mnist", "test", limit=90)
+    kw = dict(method="fgsm", eps=8 / 255, chunk=40, progress=False)
+    build_adversarial_set(model, data, tmp_path / "a", **kw)
+    (tmp_path / "a" / "shards" / "00001.safetensors").unlink()
+    (tmp_path / "a" / "attack.json").unlink()
+    items = _Counting(data)
+    build_adversarial_set(model, items, tmp_path / "a", resume=True, **kw)
+    assert items.read == list(range(40, 80))  # chunk 1 alone, decoded once
+    build_adversarial_set(model, data, tmp_path / "b", **kw)
+    a, _ = load_adversarial_set(tmp_path / "a")
+    b, _ = load_adversarial_set(tmp_path / "b")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_an_incomplete_set_is_a_clear_error(small_run, tmp_path):
     model = load_model(str(small_run / "model.safetensors"))
     data = open_dataset("fashion-mnist", "test", limit=20)
