@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +31,10 @@ import torch
 from advinterp.attacks.advset import build_adversarial_set, load_adversarial_set
 
 try:
-    from benches.common import machine, save_results
+    from benches.common import machine, run_processes, save_results
 except ModuleNotFoundError:  # run as a script: benches/ is on sys.path
-    from common import machine, save_results
+    from common import machine, run_processes, save_results
 
-ROOT = Path(__file__).resolve().parents[1]
 GOAL = 1.7
 
 
@@ -63,23 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in ranks:
             out = Path(tmp) / f"ranks{n}"
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc-per-node={n}",
-                    "-m",
-                    "benches.bench_scaling",
-                    *passed,
-                    f"--worker={out}",
-                ],
-                cwd=ROOT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                check=True,
-            )
-            seconds = json.loads((out / "timing.json").read_text())["seconds"]
+            seconds = run_processes("benches.bench_scaling", n, passed, out)
             points.append({"ranks": n, "threads": 1, "s": seconds, "ips": args.images / seconds})
             print(f"  {n} process(es): {seconds:.1f} s, {args.images / seconds:.1f} img/s")
             sets[n], _ = load_adversarial_set(out)

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,11 +43,10 @@ from pathlib import Path
 import torch
 
 try:
-    from benches.common import machine, noise_pairs, save_results
+    from benches.common import machine, noise_pairs, run_processes, save_results
 except ModuleNotFoundError:  # run as a script: benches/ is on sys.path
-    from common import machine, noise_pairs, save_results
+    from common import machine, noise_pairs, run_processes, save_results
 
-ROOT = Path(__file__).resolve().parents[1]
 GOAL = 1.7
 
 
@@ -93,23 +91,7 @@ def measure(args, name: str) -> None:
         for r in range(args.rounds):
             for n in (1, 2) if r % 2 == 0 else (2, 1):
                 out = Path(tmp) / f"r{r}-n{n}"
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "torch.distributed.run",
-                        "--standalone",
-                        f"--nproc-per-node={n}",
-                        "-m",
-                        "benches.bench_scaling_passes",
-                        *passed,
-                        f"--worker={out}",
-                    ],
-                    cwd=ROOT,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"},
-                    check=True,
-                )
-                seconds = json.loads((out / "timing.json").read_text())["seconds"]
+                seconds = run_processes("benches.bench_scaling_passes", n, passed, out)
                 times[n].append(seconds)
                 results.setdefault(n, torch.load(out / "result.pt"))
                 ips = images / statistics.median(seconds)

@@ -101,6 +101,33 @@ def _cpu_name() -> str | None:
     return None
 
 
+def run_processes(module: str, n: int, args: list[str], out: Path) -> object:
+    """Start ``module`` on ``n`` processes (``torchrun --standalone``, one torch thread each)
+    in worker mode (``--worker=out``, after ``args``) and return what process 0 wrote to
+    ``out/timing.json`` under ``"seconds"``."""
+    import json
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            "-m",
+            module,
+            *args,
+            f"--worker={out}",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
+    return json.loads((out / "timing.json").read_text())["seconds"]
+
+
 def save_results(key: str, value: dict, path: Path = RESULTS) -> Path:
     """Set ``results.json[key] = value``, keeping the other benches' keys; atomic write."""
     data = read_json(path) if path.exists() else {}
