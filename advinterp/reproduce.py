@@ -605,17 +605,8 @@ def _given_advtrain_stage(stages, run: Path, normal: str, name: str, beta: float
         eval_limit=min(1000, cfg.eval_limit or 1000),
         eval_data=cfg.data if cfg.train_data.startswith("imagefolder:") else None,
     )
-    folder = run / name
     key = {**asdict(ac), "init": init_fp}
-
-    def go():
-        resume = (folder / "train_state.json").is_file()
-        if resume and read_json(folder / "train_state.json").get("train") != asdict(ac):
-            shutil.rmtree(folder)
-            resume = False
-        advtrain(ac, folder, resume=resume, progress=True)
-
-    stages(f"advtrain {name}", key, [folder / "model.safetensors"], go)
+    _training_stage(stages, f"advtrain {name}", key, run / name, ac, advtrain)
 
 
 def _reproduce_given(cfg: ReproduceConfig, out: str | Path, progress: bool) -> tuple[dict, _Run]:
@@ -914,16 +905,21 @@ def _train_stage(stages, run, arch, cfg, data) -> None:
         seed=cfg.seed,
         data_root=cfg.data_root,
     )
-    folder = run / arch
+    _training_stage(stages, f"train {arch}", asdict(tc), run / arch, tc, train)
+
+
+def _training_stage(stages, stage: str, key: dict, folder: Path, config, fit) -> None:
+    """Stage ``stage``: ``fit(config, folder, …)`` (train or advtrain) into ``folder``,
+    resuming a killed run of the same recipe and starting over one of another."""
 
     def go():
         resume = (folder / "train_state.json").is_file()
-        if resume and read_json(folder / "train_state.json").get("train") != asdict(tc):
+        if resume and read_json(folder / "train_state.json").get("train") != asdict(config):
             shutil.rmtree(folder)  # another recipe: start over
             resume = False
-        train(tc, folder, resume=resume, progress=True)
+        fit(config, folder, resume=resume, progress=True)
 
-    stages(f"train {arch}", asdict(tc), [folder / "model.safetensors"], go)
+    stages(stage, key, [folder / "model.safetensors"], go)
 
 
 def _advtrain_stage(stages, run, arch, name, beta, cfg, data) -> None:
@@ -939,17 +935,8 @@ def _advtrain_stage(stages, run, arch, name, beta, cfg, data) -> None:
         data_root=cfg.data_root,
         eval_limit=min(1000, cfg.eval_limit or 1000),
     )
-    folder = run / name
     key = {**asdict(ac), "init": _fingerprint(init)}
-
-    def go():
-        resume = (folder / "train_state.json").is_file()
-        if resume and read_json(folder / "train_state.json").get("train") != asdict(ac):
-            shutil.rmtree(folder)
-            resume = False
-        advtrain(ac, folder, resume=resume, progress=True)
-
-    stages(f"advtrain {name}", key, [folder / "model.safetensors"], go)
+    _training_stage(stages, f"advtrain {name}", key, run / name, ac, advtrain)
 
 
 def _spec(run: Path, name: str, cfg) -> tuple[str, str | None]:
