@@ -1,15 +1,48 @@
 """Two gloo processes of our own for the tests of work split over processes: run a
 function on both and get what each returns, to compare with one process's run."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from advinterp.data import FASHION_CLASSES, TensorImageSet
 from advinterp.distributed import World, joined
 
 from .conftest import one_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The synthetic set's images and the batch that splits it unevenly over two processes:
+#: batches of 16, 16 and 13 (7 + 6 rows).
+N_IMAGES, BATCH = 45, 16
+
+
+def synthetic_set() -> TensorImageSet:
+    """``N_IMAGES`` seeded random Fashion-MNIST-shaped images and labels."""
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (N_IMAGES, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (N_IMAGES,), generator=gen)
+    names, wnids = zip(*FASHION_CLASSES, strict=True)
+    return TensorImageSet(images, labels, list(names), list(wnids))
+
+
+def torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 ARGS`` from the repository root, one torch
+    thread a process (``env`` added to the environment); its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + list(args),
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _entry(rank: int, world_size: int, rendezvous: str, out: str, worker, args) -> None:

@@ -12,26 +12,18 @@ Two checks of the same contract, each able to fail:
   :func:`test_torchrun_matches_one_process` for its tolerance).
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from advinterp.advtrain import AdvTrainConfig, FeatureTap, advtrain, sharded_step
-from advinterp.data import FASHION_CLASSES, TensorImageSet
 from advinterp.distributed import World, global_batch_norm, joined
 from advinterp.errors import UserError
 from advinterp.io import read_json, read_state_dict
 from advinterp.models import create_model
 from advinterp.train import TrainConfig, run_epoch, sgd, train
 
-from .ddp import on_two_processes, one_process, relative_change
-
-ROOT = Path(__file__).resolve().parents[1]
+from .ddp import BATCH, on_two_processes, one_process, relative_change, synthetic_set, torchrun
 
 
 def test_shards_cover_the_batch_in_order():
@@ -64,16 +56,6 @@ def test_bad_setups_are_one_line_errors(monkeypatch):
 
 # -- float64: the maths of the sharded step ------------------------------------------------------
 
-N_IMAGES, BATCH = 45, 16  # batches of 16, 16 and 13 (7 + 6 rows: an uneven split)
-
-
-def _synthetic_set() -> TensorImageSet:
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (N_IMAGES, 1, 28, 28), generator=gen, dtype=torch.uint8)
-    labels = torch.randint(0, 10, (N_IMAGES,), generator=gen)
-    names, wnids = zip(*FASHION_CLASSES, strict=True)
-    return TensorImageSet(images, labels, list(names), list(wnids))
-
 
 def _train_float64(world: World, sync_bn: bool = True) -> dict:
     """One epoch of the consistency step in float64, as ``advtrain`` runs it."""
@@ -90,7 +72,7 @@ def _train_float64(world: World, sync_bn: bool = True) -> dict:
     def step64(x, y, gen, shard):
         return step(x.double(), y, gen, shard)
 
-    loss, top1, _ = run_epoch(model, opt, _synthetic_set(), cfg, 0, step64, "", False, world)
+    loss, top1, _ = run_epoch(model, opt, synthetic_set(), cfg, 0, step64, "", False, world)
     tap.close()
     return {"state": model.net.state_dict(), "loss": loss, "top1": top1}
 
@@ -146,14 +128,8 @@ def test_torchrun_matches_one_process(tmp_path):
     settings = dict(limit=197, batch_size=64, epochs=1, eval_limit=100)
     eps = dict(eps_min=0.1, eps_max=1.0)  # 0–255 units, as on the command line
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in {**settings, **eps}.items()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        + ["-m", "advinterp", "advtrain", f"--init={init}", f"--out={tmp_path / 'ddp'}", *argv],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = torchrun(
+        "-m", "advinterp", "advtrain", f"--init={init}", f"--out={tmp_path / 'ddp'}", *argv
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("model written to") == 1, proc.stdout  # process 0 speaks alone

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from advinterp.data import FASHION_CLASSES, ImageFolderSet, TensorImageSet
+from advinterp.data import ImageFolderSet
 from advinterp.distributed import GlobalBatchNorm, World, global_batch_norm
 from advinterp.errors import UserError
 from advinterp.models import create_model
@@ -37,19 +37,10 @@ from advinterp.train import (
     sgd,
 )
 
-from .ddp import on_two_processes, one_process, relative_change
+from .ddp import BATCH, on_two_processes, one_process, relative_change, synthetic_set
 
-N_IMAGES, BATCH = 45, 16  # batches of 16, 16 and 13 (7 + 6 rows: an uneven split)
 WNIDS = ["n01440764", "n02123045", "n02124075"]
 FOLDER_BATCH = 8  # 22 files: batches of 8, 8 and 6, the corrupt file among them
-
-
-def _synthetic_set() -> TensorImageSet:
-    gen = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (N_IMAGES, 1, 28, 28), generator=gen, dtype=torch.uint8)
-    labels = torch.randint(0, 10, (N_IMAGES,), generator=gen)
-    names, wnids = zip(*FASHION_CLASSES, strict=True)
-    return TensorImageSet(images, labels, list(names), list(wnids))
 
 
 def _write_folder(root: Path) -> None:
@@ -98,13 +89,13 @@ def _train_float64(world: World, data, model, batch: int, epochs: int, workers: 
 
 def _runs(world: World, folder: Path, workers: int, local_bn: bool) -> dict:
     torch.manual_seed(0)
-    runs = {"memory": _train_float64(world, _synthetic_set(), create_model("resnet"), BATCH, 1, 0)}
+    runs = {"memory": _train_float64(world, synthetic_set(), create_model("resnet"), BATCH, 1, 0)}
     images = ImageFolderSet(folder, WNIDS, input_size=28)
     runs["folder"] = _train_float64(world, images, _folder_model(), FOLDER_BATCH, 2, workers)
     if local_bn:
         torch.manual_seed(0)
         runs["local"] = _train_float64(
-            world, _synthetic_set(), create_model("resnet"), BATCH, 1, 0, sync_bn=False
+            world, synthetic_set(), create_model("resnet"), BATCH, 1, 0, sync_bn=False
         )
     return runs
 

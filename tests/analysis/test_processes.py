@@ -6,9 +6,6 @@ resumed on two.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,8 @@ from advinterp.data.broden import open_probe
 from advinterp.io import read_state_dict
 from advinterp.metrics.wordnet import similarity_matrix
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..ddp import torchrun
+
 SEMANTICS = ["--layers", "conv1", "layer2.0.conv2", "--batch-size", "32", "--chunk", "64"]
 TOPK = ["--layer", "layer2.0.conv2", "--count", "3", "--patch", "7", "--stride", "7"]
 TOPK += ["--batch-size", "32", "--chunk", "64"]
@@ -119,15 +117,7 @@ def test_verbs_under_torchrun_write_the_one_process_files(
         handle.remove()
     # ... are resumed on two processes, which also run topk and evaluate.
     argvs = _verbs(ckpt, str(adv_dir), tmp_path / "two")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        + ["-m", "tests.analysis.run_verbs", json.dumps(argvs)],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = torchrun("-m", "tests.analysis.run_verbs", json.dumps(argvs))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming after 128 of 300 images" in proc.stderr, proc.stderr[-3000:]
     assert "dissect real: resuming after 80 of 120 images" in proc.stderr, proc.stderr[-3000:]

@@ -3,10 +3,6 @@ ImageNet model fine-tuned on real 224² photos (one of them undecodable), its ch
 back and evaluated; and the mistakes a user can make, each refused in one line."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +13,8 @@ from PIL import Image
 from advinterp.io import read_json, read_state_dict
 from advinterp.models import load_model
 from advinterp.train import TrainConfig, train
+from tests.ddp import torchrun
 from tests.imagenet.conftest import run_cli
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _refused(rc, err, fragment):
@@ -184,14 +179,14 @@ def test_torchrun_trains_like_one_process(imagenet_dir, tmp_path):
         epochs=1, batch_size=8, lr=0.02,
     )  # fmt: skip
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        + ["-m", "advinterp", "train", *argv, "--workers=1", f"--out={tmp_path / 'ddp'}"],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = torchrun(
+        "-m",
+        "advinterp",
+        "train",
+        *argv,
+        "--workers=1",
+        f"--out={tmp_path / 'ddp'}",
+        env={"CUDA_VISIBLE_DEVICES": ""},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("model written to") == 1, proc.stdout  # process 0 speaks alone
