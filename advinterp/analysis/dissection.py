@@ -261,7 +261,9 @@ def dissect_model(
     """
     world = world or World()
     layers = map_layers(model, layers if layers else default_dissect_layers(model))
+    spec = _model_fingerprint(model)  # once: the passes' checkpoints and the attack's set
     identity = {"probe": str(probe.root), "images": len(probe), "size": probe.input_size}
+    identity["model"] = spec
 
     def common(side: str, extra: Mapping | None = None) -> dict:
         return dict(
@@ -289,7 +291,6 @@ def dissect_model(
         adversarial = Path(adversarial)
         images = _ProbeImages(probe)
         attack_chunk = default_chunk((model.in_chans, probe.input_size, probe.input_size))
-        spec = _model_fingerprint(model)
         options = dict(attack_options or {})
         expected = {"model": spec, "dataset": images.name, "n": len(images), "seed": seed}
         expected |= options

@@ -211,7 +211,8 @@ def dissect(
             ``chunk`` images and the statistics are merged after each (the same
             thresholds and IoU as one process: exact, unless the counts were binned);
             ``partial`` is a file they are checkpointed into after each chunk, from
-            which the same pass (``fingerprint``: what else makes it the same) resumes.
+            which the same pass (``fingerprint``: what else makes it the same; its
+            ``"model"``, when given, stands for the weights' digest) resumes.
 
     Returns a :class:`Dissection` for one layer name, ``{layer: Dissection}`` for a list.
 
@@ -242,12 +243,13 @@ def dissect(
     base_fingerprint = None
     if numbered is not None:
         base_fingerprint = {
-            "model": weights_fingerprint(model),
             "labels": len(labels),
             "categories": {k: list(v) for k, v in categories.items()},
             "quantile": quantile,
             **dict(fingerprint or {}),
         }
+        if "model" not in base_fingerprint:  # the caller's digest of the weights, else ours
+            base_fingerprint["model"] = weights_fingerprint(model)
     with (
         Recorder(model, layers, reduce=None, keep_maps=layers, stop=True) as rec,
         torch.inference_mode(),
